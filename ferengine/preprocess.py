@@ -1,0 +1,206 @@
+"""Face crop, alignment, resize and normalisation: the one preprocessing path of training and inference.
+
+Inference: ``crop_faces(frame, faces, spec)`` cuts an eye-line-aligned square around each detected face
+(uint8, the checkpoint's size and channels); ``to_model_input(crops, spec)`` turns uint8 faces into the
+normalised float32 ``(N, C, H, W)`` batch the model takes. Training feeds its (already cropped) dataset
+faces through the same ``to_model_input``, on numpy arrays or torch tensors (CPU or GPU), so the model
+sees identical arithmetic in both places.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+try:  # torch is optional for the numpy path
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # pragma: no cover
+    torch = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects, stored in every checkpoint.
+
+    - ``size``: side of the square input in pixels.
+    - ``channels``: 1 (grey) or 3 (RGB).
+    - ``mean``/``std``: per channel, applied to pixel/255.
+    - ``crop_margin``: the crop side is ``(1 + crop_margin) * max(box w, box h)`` of the detector box.
+    - ``crop_offset_y``: shift of the crop centre, as a fraction of the box side (positive = down).
+    - ``align``: rotate so that the eye line is horizontal.
+    """
+
+    size: int = 48
+    channels: int = 1
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    crop_margin: float = 0.25
+    crop_offset_y: float = 0.0
+    align: bool = True
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"InputSpec.channels must be 1 or 3, got {self.channels}")
+        if not 8 <= int(self.size) <= 1024:
+            raise ValueError(f"InputSpec.size must be in 8..1024, got {self.size}")
+        object.__setattr__(self, "mean", _per_channel(self.mean, self.channels, "mean"))
+        object.__setattr__(self, "std", _per_channel(self.std, self.channels, "std"))
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"InputSpec.std must be positive, got {self.std}")
+        if self.crop_margin <= -0.9:
+            raise ValueError(f"InputSpec.crop_margin must be > -0.9, got {self.crop_margin}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown input-spec fields {sorted(unknown)}; expected some of {sorted(known)}")
+        kw = dict(d)
+        for k in ("mean", "std"):
+            if k in kw:
+                kw[k] = tuple(float(v) for v in kw[k])
+        return cls(**kw)
+
+
+def _per_channel(v: Sequence[float] | float, channels: int, name: str) -> tuple[float, ...]:
+    vals = (float(v),) if isinstance(v, (int, float)) else tuple(float(x) for x in v)
+    if len(vals) == 1:
+        vals = vals * channels
+    if len(vals) != channels:
+        raise ValueError(f"InputSpec.{name} needs 1 or {channels} values, got {len(vals)}")
+    return vals
+
+
+# --------------------------------------------------------------------------------------------- crop
+
+
+def eye_angle(keypoints: np.ndarray | None) -> float:
+    """Angle (radians) of the line from the image-left eye to the image-right eye.
+
+    ``keypoints`` are BlazeFace's 6 points in pixels; the first two are the eyes.
+    """
+    if keypoints is None or len(keypoints) < 2:
+        return 0.0
+    (x0, y0), (x1, y1) = keypoints[0], keypoints[1]
+    if x0 > x1:  # order the pair left-to-right in the image
+        x0, y0, x1, y1 = x1, y1, x0, y0
+    return math.atan2(y1 - y0, x1 - x0)
+
+
+def crop_transform(
+    box: Sequence[float], keypoints: np.ndarray | None, spec: InputSpec
+) -> np.ndarray:
+    """2x3 affine matrix mapping frame pixels to the ``spec.size`` square crop of one face."""
+    x, y, w, h = (float(v) for v in box)
+    side = max(w, h) * (1.0 + spec.crop_margin)
+    cx = x + w / 2.0
+    cy = y + h / 2.0 + spec.crop_offset_y * max(w, h)
+    angle = eye_angle(keypoints) if spec.align else 0.0
+    s = spec.size / max(side, 1e-6)
+    c, si = math.cos(angle) * s, math.sin(angle) * s
+    # rotate by -angle about the centre, scale, then move the centre to the middle of the crop
+    return np.array(
+        [[c, si, spec.size / 2.0 - (c * cx + si * cy)], [-si, c, spec.size / 2.0 - (-si * cx + c * cy)]],
+        dtype=np.float64,
+    )
+
+
+def crop_faces(
+    frame_bgr: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    keypoints: Sequence[np.ndarray | None] | None,
+    spec: InputSpec,
+) -> np.ndarray:
+    """Cut one aligned square per face: uint8 ``(N, size, size)`` (grey) or ``(N, size, size, 3)`` (RGB).
+
+    ``frame_bgr`` is an OpenCV BGR (or single-channel grey) image; ``boxes`` are ``(x, y, w, h)`` pixels.
+    """
+    if frame_bgr.ndim == 2:
+        src = frame_bgr if spec.channels == 1 else cv2.cvtColor(frame_bgr, cv2.COLOR_GRAY2RGB)
+    elif spec.channels == 1:
+        src = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY)
+    else:
+        src = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
+    n = len(boxes)
+    shape = (n, spec.size, spec.size) if spec.channels == 1 else (n, spec.size, spec.size, 3)
+    out = np.empty(shape, dtype=np.uint8)
+    kps = keypoints if keypoints is not None else [None] * n
+    for i, (box, kp) in enumerate(zip(boxes, kps)):
+        m = crop_transform(box, kp, spec)
+        out[i] = cv2.warpAffine(
+            src, m, (spec.size, spec.size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------ normalise
+
+
+def to_model_input(images: Any, spec: InputSpec):
+    """uint8 faces -> normalised float32 ``(N, C, size, size)``.
+
+    ``images``: numpy array or torch tensor, ``(N, H, W)`` grey, ``(N, H, W, 3)`` RGB (numpy layout) or
+    ``(N, C, H, W)`` (torch layout, C in {1, 3}). Faces of another size are resized (area for
+    shrinking, bilinear for enlarging); grey faces are repeated to RGB, RGB faces are converted to grey
+    (ITU-R 601 luma, as OpenCV) as the spec demands. Returns the same kind (numpy/torch, device) as given.
+    """
+    if torch is not None and isinstance(images, torch.Tensor):
+        return _to_input_torch(images, spec)
+    return _to_input_numpy(np.asarray(images), spec)
+
+
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _to_input_numpy(a: np.ndarray, spec: InputSpec) -> np.ndarray:
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim == 3:
+        a = a[..., None]  # N,H,W,1
+    if a.ndim != 4 or a.shape[-1] not in (1, 3):
+        raise ValueError(f"expected faces as (N,H,W) or (N,H,W,3) uint8, got shape {a.shape}")
+    n, h, w, c = a.shape
+    if (h, w) != (spec.size, spec.size):
+        interp = cv2.INTER_AREA if h > spec.size else cv2.INTER_LINEAR
+        a = np.stack([cv2.resize(img, (spec.size, spec.size), interpolation=interp) for img in a])
+        a = a.reshape(n, spec.size, spec.size, c)
+    x = a.astype(np.float32) * np.float32(1.0 / 255.0)
+    if c == 3 and spec.channels == 1:
+        x = (x @ np.asarray(_LUMA, np.float32))[..., None]
+    elif c == 1 and spec.channels == 3:
+        x = np.repeat(x, 3, axis=-1)
+    mean = np.asarray(spec.mean, np.float32)
+    inv_std = 1.0 / np.asarray(spec.std, np.float32)
+    x = (x - mean) * inv_std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _to_input_torch(t: "torch.Tensor", spec: InputSpec) -> "torch.Tensor":
+    if t.ndim == 3:
+        t = t.unsqueeze(1)  # N,1,H,W
+    elif t.ndim == 4 and t.shape[1] not in (1, 3) and t.shape[-1] in (1, 3):
+        t = t.permute(0, 3, 1, 2)  # NHWC -> NCHW
+    if t.ndim != 4 or t.shape[1] not in (1, 3):
+        raise ValueError(f"expected faces as (N,H,W), (N,H,W,C) or (N,C,H,W), got shape {tuple(t.shape)}")
+    x = t.float() * (1.0 / 255.0) if t.dtype == torch.uint8 else t.float()
+    if x.shape[-2:] != (spec.size, spec.size):
+        x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False,
+                          antialias=x.shape[-1] > spec.size)
+    c = x.shape[1]
+    if c == 3 and spec.channels == 1:
+        x = (x * torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif c == 1 and spec.channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous()
