@@ -298,3 +298,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedM
     model.load_state_dict(state, strict=True)
     model.eval()
     return LoadedModel(model.to(device), info, path)
+
+
+DEFAULT_MODEL = "models/default.safetensors"
+
+
+def default_checkpoint_path() -> Path:
+    """The model ``fer`` and ``fer-desktop`` use when no checkpoint is given."""
+    from .assets import asset_path
+
+    path = asset_path(DEFAULT_MODEL)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no default model is shipped at {path}; pass a checkpoint (--checkpoint FILE, or "
+            "File > Open checkpoint in the app); train one with `python -m trainers.baseline --data fer2013`"
+        )
+    return path
