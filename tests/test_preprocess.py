@@ -1,0 +1,105 @@
+"""Crop geometry and normalisation: the one preprocessing path of training and inference."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ferengine.preprocess import InputSpec, crop_faces, crop_transform, eye_angle, to_model_input
+
+
+def test_spec_round_trip_and_validation():
+    spec = InputSpec(size=96, channels=3, mean=0.5, std=(0.25,), crop_margin=0.4)
+    assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.25, 0.25, 0.25)
+    assert InputSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="channels"):
+        InputSpec(channels=2)
+    with pytest.raises(ValueError, match="std must be positive"):
+        InputSpec(std=0.0)
+    with pytest.raises(ValueError, match="unknown input-spec fields"):
+        InputSpec.from_dict({"size": 48, "colour": "red"})
+
+
+def test_crop_centres_the_box_and_scales_by_margin():
+    frame = np.zeros((200, 300, 3), np.uint8)
+    frame[80:120, 130:170] = 255  # a 40x40 white square centred at (150, 100)
+    spec = InputSpec(size=40, channels=1, crop_margin=1.0, align=False)  # crop side 80 -> square is half
+    crop = crop_faces(frame, [(130, 80, 40, 40)], None, spec)
+    assert crop.shape == (1, 40, 40) and crop.dtype == np.uint8
+    white = crop[0] > 127
+    ys, xs = np.nonzero(white)
+    assert abs(ys.mean() - 19.5) < 0.6 and abs(xs.mean() - 19.5) < 0.6
+    assert 18 <= white.sum() ** 0.5 <= 22  # 20x20 white square in a 40x40 crop
+
+
+def test_crop_offset_moves_the_centre_down():
+    frame = np.zeros((200, 200), np.uint8)
+    frame[100:, :] = 255  # lower half white
+    spec0 = InputSpec(size=32, crop_margin=0.0, align=False)
+    spec1 = InputSpec(size=32, crop_margin=0.0, align=False, crop_offset_y=0.25)
+    box = [(60, 60, 80, 80)]  # centred at y=100
+    m0 = crop_faces(frame, box, None, spec0)[0].mean()
+    m1 = crop_faces(frame, box, None, spec1)[0].mean()
+    assert abs(m0 - 127.5) < 10 and m1 > 180  # shifted down by 20 px -> 3/4 white
+
+
+def test_alignment_levels_a_tilted_eye_line():
+    # eyes at 30 degrees; after alignment they must sit on one horizontal row
+    frame = np.zeros((200, 200), np.uint8)
+    c = np.array([100.0, 100.0])
+    d = np.array([math.cos(math.radians(30)), math.sin(math.radians(30))]) * 30
+    left, right = c - d, c + d
+    for p in (left, right):
+        cv_pt = tuple(int(round(v)) for v in p)
+        frame[cv_pt[1] - 3 : cv_pt[1] + 4, cv_pt[0] - 3 : cv_pt[0] + 4] = 255
+    kps = np.array([right, left, c, c, c, c], np.float32)  # BlazeFace order: eye, eye, ...
+    assert math.degrees(eye_angle(kps)) == pytest.approx(30, abs=1e-4)
+    spec = InputSpec(size=100, crop_margin=0.0, align=True)
+    crop = crop_faces(frame, [(50, 50, 100, 100)], [kps], spec)[0]
+    ys, xs = np.nonzero(crop > 127)
+    left_blob, right_blob = ys[xs < 50], ys[xs >= 50]
+    assert abs(left_blob.mean() - right_blob.mean()) < 1.0
+    assert abs(xs[xs >= 50].mean() - xs[xs < 50].mean() - 60) < 2  # eye distance preserved (scale 1)
+    # without alignment the two blobs are on different rows
+    crop_u = crop_faces(frame, [(50, 50, 100, 100)], [kps], InputSpec(size=100, crop_margin=0.0, align=False))[0]
+    ys, xs = np.nonzero(crop_u > 127)
+    assert abs(ys[xs < 50].mean() - ys[xs >= 50].mean()) > 20
+
+
+def test_crop_transform_maps_box_centre_to_crop_centre():
+    spec = InputSpec(size=64, crop_margin=0.3)
+    m = crop_transform((10, 20, 50, 70), None, spec)
+    centre = m @ np.array([35.0, 55.0, 1.0])
+    assert np.allclose(centre, [32, 32])
+
+
+def test_normalise_numpy_and_torch_agree_and_match_formula():
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, (3, 48, 48), dtype=np.uint8)
+    spec = InputSpec(size=48, mean=0.4, std=0.2)
+    a = to_model_input(faces, spec)
+    assert a.shape == (3, 1, 48, 48) and a.dtype == np.float32
+    assert np.allclose(a[:, 0], (faces / 255.0 - 0.4) / 0.2, atol=1e-5)
+    t = to_model_input(torch.from_numpy(faces), spec)
+    assert isinstance(t, torch.Tensor)
+    assert np.abs(t.numpy() - a).max() < 1e-5
+
+
+def test_channel_conversion_and_resize():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    grey = to_model_input(rgb, InputSpec(size=48, channels=1, mean=0.0, std=1.0))
+    assert grey.shape == (2, 1, 48, 48)
+    luma = rgb @ np.array([0.299, 0.587, 0.114]) / 255.0
+    assert abs(grey.mean() - luma.mean()) < 1e-3
+    g = rng.integers(0, 256, (2, 48, 48), dtype=np.uint8)
+    x3 = to_model_input(g, InputSpec(size=64, channels=3))
+    assert x3.shape == (2, 3, 64, 64)
+    assert np.array_equal(x3[:, 0], x3[:, 2])
+    t3 = to_model_input(torch.from_numpy(g), InputSpec(size=64, channels=3))
+    assert t3.shape == (2, 3, 64, 64)
+    assert np.abs(t3.numpy() - x3).max() < 0.05  # bilinear in both, tiny kernel differences
+    with pytest.raises(ValueError, match="expected faces"):
+        to_model_input(np.zeros((2, 48, 48, 2), np.uint8), InputSpec())
