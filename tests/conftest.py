@@ -1,0 +1,74 @@
+"""Shared fixtures: a random-init checkpoint, a synthetic video, the offline test media."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+MEDIA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "media"
+
+SYNTH_FPS = 25.0
+SYNTH_FRAMES = 12
+SYNTH_SIZE = (160, 120)  # w, h
+
+
+def make_checkpoint(path: Path, *, av_head: bool = False, num_classes: int = 7, width: float = 0.25,
+                    labels: tuple[str, ...] | None = None, seed: int = 0) -> Path:
+    """A randomly initialised fastcnn written with :func:`ferengine.checkpoint.save`."""
+    import torch
+
+    from ferengine import checkpoint as ck
+    from ferengine.labels import LABEL_SETS
+    from ferengine.models import create_model
+    from ferengine.preprocess import InputSpec
+
+    torch.manual_seed(seed)
+    kwargs = {"num_classes": num_classes, "width": width, "av_head": av_head}
+    model = create_model("fastcnn", **kwargs).eval()
+    if labels is None:
+        labels = LABEL_SETS["fer7"] if num_classes == 7 else LABEL_SETS["ferplus8"][:num_classes]
+    heads = (["expression"] if num_classes else []) + (["valence_arousal"] if av_head else [])
+    info = ck.CheckpointInfo(arch="fastcnn", arch_kwargs=kwargs, labels=list(labels), heads=heads,
+                             input=InputSpec(size=48, channels=1), name="random fastcnn",
+                             training={"command": "pytest fixture"})
+    return ck.save(path, model, info)
+
+
+@pytest.fixture(scope="session")
+def fastcnn_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "fastcnn.safetensors")
+
+
+@pytest.fixture(scope="session")
+def fastcnn_av_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt_av") / "fastcnn_av.safetensors", av_head=True)
+
+
+def synth_frame(i: int) -> np.ndarray:
+    """Frame ``i`` of the synthetic video: grey level encodes the index (10 * i + 5)."""
+    w, h = SYNTH_SIZE
+    img = np.full((h, w, 3), 10 * i + 5, np.uint8)
+    cv2.rectangle(img, (10 + 5 * i, 20), (40 + 5 * i, 60), (255, 255, 255), -1)
+    return img
+
+
+@pytest.fixture(scope="session")
+def synthetic_video(tmp_path_factory) -> Path:
+    """A tiny MJPG .avi: SYNTH_FRAMES frames at SYNTH_FPS, SYNTH_SIZE."""
+    path = tmp_path_factory.mktemp("video") / "synthetic.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), SYNTH_FPS, SYNTH_SIZE)
+    assert writer.isOpened(), "OpenCV cannot write MJPG .avi here"
+    for i in range(SYNTH_FRAMES):
+        writer.write(synth_frame(i))
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="session")
+def media_dir() -> Path:
+    """``../shared/data/media`` (real faces, never committed); skips the test when absent."""
+    if not MEDIA_DIR.is_dir():
+        pytest.skip(f"offline test media not found at {MEDIA_DIR}")
+    return MEDIA_DIR
