@@ -7,7 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-MEDIA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "media"
+import os
+
+# the offline test media (real faces, never committed): ../shared/data/media beside the clone, or $FER_TEST_MEDIA
+MEDIA_DIR = Path(os.environ.get("FER_TEST_MEDIA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "media")
 
 SYNTH_FPS = 25.0
 SYNTH_FRAMES = 12

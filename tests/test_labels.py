@@ -16,6 +16,14 @@ def test_every_class_of_every_label_set_has_an_anchor_in_range():
         assert -1.0 <= v <= 1.0 and -1.0 <= a <= 1.0
 
 
+def test_anchor_values_are_the_documented_ones():
+    # Russell & Mehrabian (1977) pleasure/arousal ratings (see ferengine/labels.py); contempt is ours
+    assert AV_ANCHORS == {
+        "angry": (-0.51, 0.59), "disgust": (-0.60, 0.35), "fear": (-0.64, 0.60), "happy": (0.81, 0.51),
+        "sad": (-0.63, -0.27), "surprise": (0.40, 0.67), "neutral": (0.0, 0.0), "contempt": (-0.55, 0.20),
+    }
+
+
 def test_anchor_geometry_is_plausible():
     # the circumplex facts any published placement satisfies
     assert AV_ANCHORS["neutral"] == (0.0, 0.0)
