@@ -127,8 +127,10 @@ def _print_table(results: list[dict], labels: Sequence[str]) -> None:
             continue
         for face in r["faces"]:
             box = ",".join(str(int(round(face[k]))) for k in ("x", "y", "w", "h"))
-            probs = " ".join(f"{face[lab]:8.3f}" for lab in labels)
-            print(f"{name:<28} {face['face_id']:>3} {box:<21} {face['label']:<9} {face['score_label']:5.2f} "
+            probs = " ".join(f"{face[lab]:8.3f}" for lab in labels if lab in face)
+            label = face["label"] or "-"
+            conf = f"{face['confidence']:5.2f}" if face["confidence"] is not None else "    -"
+            print(f"{name:<28} {face['face_id']:>3} {box:<21} {label:<9} {conf} "
                   f"{face['valence']:6.2f} {face['arousal']:6.2f}  {probs}")
 
 

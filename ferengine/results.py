@@ -135,8 +135,7 @@ def frame_result_to_dicts(fr: FrameResult, labels: Sequence[str] | None = None) 
     """One JSON-ready dict per face (plain Python numbers and strings).
 
     Keys: the CSV columns (``frame, time_s, face_id, x, y, w, h, score, label``, one key per class
-    name, ``valence, arousal, av_source``) plus ``confidence`` (the label's probability; also under
-    ``score_label``) and ``keypoints`` (6 ``[x, y]`` pairs). ``labels`` defaults to ``fr.labels``.
+    name, ``valence, arousal, av_source``) plus ``confidence`` (the label's probability) and ``keypoints`` (6 ``[x, y]`` pairs). ``labels`` defaults to ``fr.labels``.
     """
     names = tuple(labels) if labels is not None else tuple(fr.labels)
     out = []
@@ -156,7 +155,6 @@ def frame_result_to_dicts(fr: FrameResult, labels: Sequence[str] | None = None) 
             "arousal": round(float(face.arousal), VALUE_DECIMALS),
             "av_source": face.av_source,
             "confidence": conf,
-            "score_label": conf,
             "keypoints": [[round(float(a), PIXEL_DECIMALS), round(float(b), PIXEL_DECIMALS)]
                           for a, b in (face.keypoints.tolist() if face.keypoints is not None else [])],
         })
