@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -131,7 +131,10 @@ def test_info_and_backends(fastcnn_checkpoint, capsys):
     assert [ln.split()[0] for ln in lines] == ["torch", "onnxruntime", "tensorrt"]
 
 
-@pytest.mark.skipif(shutil.which("fer") is None, reason="package not installed (pip install -e .)")
+FER_SCRIPT = Path(sys.executable).parent / "fer"
+
+
+@pytest.mark.skipif(not FER_SCRIPT.exists(), reason="package not installed (pip install -e .)")
 def test_console_script_is_installed():
-    out = subprocess.run(["fer", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([str(FER_SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "predict" in out.stdout and "analyze" in out.stdout
