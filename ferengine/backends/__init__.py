@@ -62,9 +62,17 @@ def available_backends() -> dict[str, str | None]:
     torch is always usable (on the CPU at least); onnxruntime needs ``onnxruntime`` (+ ``onnx``,
     ``onnxscript`` to export); TensorRT needs the ``tensorrt`` package (>= 10) and a CUDA GPU.
     """
-    from .tensorrt_backend import tensorrt_reason
+    return {name: _reason(name) for name in BACKENDS}
 
-    return {"torch": None, "onnxruntime": _onnxruntime_reason(), "tensorrt": tensorrt_reason()}
+
+def _reason(name: str) -> str | None:
+    if name == "onnxruntime":
+        return _onnxruntime_reason()
+    if name == "tensorrt":
+        from .tensorrt_backend import tensorrt_reason
+
+        return tensorrt_reason()
+    return None  # torch: a hard dependency, and the CPU is always there
 
 
 def _wants_gpu(device: str) -> bool:
@@ -98,17 +106,17 @@ def create_backend(name: str, loaded: "LoadedModel", device: str = "auto", **opt
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
-        reason = available_backends()[name]
+        reason = _reason(name)
         if reason is not None:
             raise BackendUnavailable(f"the {name} backend is unavailable: {reason}")
         return _backend_class(name)(loaded, device, **options)
 
-    avail = available_backends()
     skipped = []
     for candidate in auto_order(device):
-        if avail[candidate] is not None:
-            skipped.append(f"{candidate}: {avail[candidate]}")
-            log.debug("auto backend: skipping %s (%s)", candidate, avail[candidate])
+        reason = _reason(candidate)
+        if reason is not None:
+            skipped.append(f"{candidate}: {reason}")
+            log.debug("auto backend: skipping %s (%s)", candidate, reason)
             continue
         cls = _backend_class(candidate)
         try:
