@@ -39,6 +39,14 @@ def make_checkpoint(path: Path, *, av_head: bool = False, num_classes: int = 7, 
     return ck.save(path, model, info)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Keep exports (ONNX files) written during tests out of the user's ~/.cache/fer-desktop."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FER_DESKTOP_CACHE", str(tmp_path_factory.mktemp("fer-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def fastcnn_checkpoint(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "fastcnn.safetensors")
