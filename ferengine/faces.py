@@ -6,6 +6,9 @@ the same while the face keeps overlapping its previous box.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -156,7 +159,12 @@ class FaceDetector:
             min_detection_confidence=float(threshold),
         )
         try:
-            return vision.FaceDetector.create_from_options(options)
+            with _quiet_native_logs():  # MediaPipe/LiteRT print dozens of INFO/WARNING lines on load
+                task = vision.FaceDetector.create_from_options(options)
+                import mediapipe as mp  # the first inference logs too: run it here, on a blank frame
+
+                task.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.zeros((64, 64, 3), np.uint8)))
+            return task
         except FileNotFoundError as e:
             raise FileNotFoundError(f"face detector model not found: {self.model_path} ({e})") from e
         except (ValueError, RuntimeError) as e:
@@ -332,3 +340,25 @@ class IoUTracker:
     def reset(self) -> None:
         """Forget all tracks (ids keep increasing, so old ids are never handed out again)."""
         self._tracks.clear()
+
+
+@contextlib.contextmanager
+def _quiet_native_logs():
+    """Silence C++ log lines written straight to file descriptor 2 (set FER_DEBUG=1 to see them)."""
+    if os.environ.get("FER_DEBUG"):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. a GUI launched without a console)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
