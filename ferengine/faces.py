@@ -60,7 +60,8 @@ def _close_task(holder: list) -> None:
     task = holder[0] if holder else None
     if task is not None:
         holder[0] = None
-        task.close()
+        with _quiet_native_logs():
+            task.close()
 
 
 class FaceDetector:
