@@ -1,0 +1,444 @@
+"""The training engine: batched augmentation, exact resume after a kill, state/checkpoint files, the
+method hooks (two views, EMA encoder + queue, two optimisers, own-rule parameters, branches added during
+training, block features, plateau with reload-best), and a tiny run that learns."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ferengine import checkpoint as ck
+from ferengine.models import create_model
+from ferengine.preprocess import to_model_input
+from trainers.augment import AUGMENT_PRESETS, AugmentConfig, BatchAugment, augment_config
+from trainers.baseline import Baseline
+from trainers.engine import (
+    FeatureQueue, Method, MomentumEncoder, TrainConfig, Trainer, TrainError, forward_with_blocks,
+)
+
+try:  # the real dataset class when trainers.data is there; the engine only relies on its attributes
+    from trainers.data import FaceDataset
+except ImportError:  # pragma: no cover
+    class FaceDataset(torch.utils.data.Dataset):  # type: ignore[no-redef]
+        def __init__(self, name, split, label_names, labels, *, images=None, soft_labels=None, va=None):
+            self.name, self.split, self.label_names = name, split, tuple(label_names)
+            self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+            self.images = torch.as_tensor(np.asarray(images))
+            self.soft_labels = None if soft_labels is None else torch.as_tensor(soft_labels, dtype=torch.float32)
+            self.va = None if va is None else torch.as_tensor(va, dtype=torch.float32)
+
+        def __len__(self):
+            return len(self.labels)
+
+        def subset(self, idx):
+            idx = torch.as_tensor(np.asarray(idx))
+            return FaceDataset(self.name, self.split, self.label_names, self.labels[idx], images=self.images[idx],
+                               soft_labels=None if self.soft_labels is None else self.soft_labels[idx],
+                               va=None if self.va is None else self.va[idx])
+
+
+LABELS = ("hstripes", "vstripes", "checker", "blob")
+
+
+def patterns(n: int, seed: int, size: int = 48, noise: float = 25.0) -> FaceDataset:
+    """4 classes of synthetic grey patterns (flip- and small-rotation-invariant), random phase/frequency/contrast."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    imgs = np.empty((n, size, size), np.uint8)
+    for i, c in enumerate(y):
+        ph, f = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5) * 48 / size
+        if c == 0:
+            p = np.sin(f * yy + ph)
+        elif c == 1:
+            p = np.sin(f * xx + ph)
+        elif c == 2:
+            p = np.sign(np.sin(f * xx + ph) * np.sin(f * yy + ph))
+        else:
+            cx, cy = size / 2 + rng.uniform(-4, 4), size / 2 + rng.uniform(-4, 4)
+            p = 2 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (rng.uniform(0.12, 0.2) * size) ** 2)) - 1
+        img = 128 + 60 * p * rng.uniform(0.5, 1.0) + rng.normal(0, noise, (size, size))
+        imgs[i] = np.clip(img, 0, 255)
+    return FaceDataset("patterns", "train", LABELS, y, images=imgs)
+
+
+def tiny_cfg(out: Path, **kw) -> TrainConfig:
+    base = dict(out=str(out), epochs=3, batch_size=16, lr=0.05, optimizer="sgd", nesterov=True, scheduler="cosine",
+                warmup_epochs=0.5, weight_decay=5e-4, label_smoothing=0.1, augment="standard", tensorboard=False,
+                bench_batches=0, extra={"arch": "fastcnn", "arch_kwargs": {"width": 0.25}})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def state_equal(a: dict, b: dict) -> list[str]:
+    """Names of tensors that differ (bitwise)."""
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+class Kill(Exception):
+    pass
+
+
+class KillAt:
+    """Simulates a crash: raises at a given step of an epoch, or after an epoch's metrics row is logged
+    (before its state.pt is written)."""
+
+    def __init__(self, epoch: int, step: int | None = None):
+        self.epoch, self.step = epoch, step
+
+    def on_step_end(self, trainer, epoch, step):
+        if self.step is not None and epoch == self.epoch and step == self.step:
+            raise Kill(f"killed at epoch {epoch} step {step}")
+
+    def on_epoch_end(self, trainer, epoch, row):
+        if self.step is None and epoch == self.epoch:
+            raise Kill(f"killed after logging epoch {epoch}")
+
+
+# --------------------------------------------------------------------------------------- augmentation
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_augment_deterministic_and_shapes(rgb):
+    rng = np.random.default_rng(0)
+    shape = (6, 40, 40, 3) if rgb else (6, 40, 40)
+    x = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+    aug = BatchAugment(AUGMENT_PRESETS["strong"])
+    a = aug(x, torch.Generator().manual_seed(1))
+    b = aug(x, torch.Generator().manual_seed(1))
+    c = aug(x, torch.Generator().manual_seed(2))
+    assert a.shape == (6, 3 if rgb else 1, 40, 40) and a.dtype == torch.float32
+    assert torch.equal(a, b), "same seed must give the same augmentation"
+    assert not torch.equal(a, c), "another seed must give another augmentation"
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    # the generator advances: two calls in a row differ
+    g = torch.Generator().manual_seed(1)
+    assert not torch.equal(aug(x, g), aug(x, g))
+
+
+def test_augment_steps_are_exact():
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 8, 8).remainder(256).to(torch.uint8)
+    ref = x.float().unsqueeze(1) * (1.0 / 255.0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(BatchAugment(AugmentConfig())(x, g), ref)
+    # no augmentation + to_model_input == to_model_input on the uint8 faces (training == inference arithmetic)
+    spec = ck.InputSpec(size=8, channels=1)
+    assert torch.equal(to_model_input(BatchAugment(AugmentConfig())(x, g), spec), to_model_input(x, spec))
+    flipped = BatchAugment(AugmentConfig(hflip=1.0))(x, g)
+    assert torch.allclose(flipped, ref.flip(-1), atol=1e-5)
+    # whole-pixel shifts with zero fill = a crop of the zero-padded image
+    shifted = BatchAugment(AugmentConfig(translate=2))(x, torch.Generator().manual_seed(3))
+    found = False
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            pad = F.pad(ref, (2, 2, 2, 2))
+            crop = pad[..., 2 - dy:10 - dy, 2 - dx:10 - dx]
+            if torch.allclose(shifted[0], crop[0], atol=1e-5):
+                found = True
+    assert found, "a translate-only augmentation must equal a crop of the zero-padded image"
+    erased = BatchAugment(AugmentConfig(erase=1.0, erase_area=(0.2, 0.2)))(torch.zeros(4, 16, 16, dtype=torch.uint8),
+                                                                           torch.Generator().manual_seed(0))
+    frac = (erased != 0).float().mean((1, 2, 3))
+    assert torch.all(frac > 0.1) and torch.all(frac < 0.35)
+
+
+def test_augment_config_errors():
+    with pytest.raises(ValueError, match="unknown augmentation option"):
+        augment_config("standard", {"rotat": 3})
+    with pytest.raises(ValueError, match="probability"):
+        AugmentConfig(hflip=2)
+    assert augment_config("standard", {"rotate": 30}).rotate == 30
+
+
+# ------------------------------------------------------------------------------------ learning, files
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny baseline run (fastcnn width 0.25, 48x48 patterns, 3 epochs), shared by several tests."""
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    cfg = tiny_cfg(out, tensorboard=True, bench_batches=3)
+    tr = Trainer(cfg, Baseline, datasets=(patterns(384, 0), patterns(128, 1)))
+    row = tr.fit()
+    return tr, row, out
+
+
+def test_tiny_run_beats_chance(trained):
+    tr, row, out = trained
+    assert row["val_accuracy"] > 60.0, f"4 classes: chance is 25%, got {row['val_accuracy']:.1f}%"
+    assert row["val_macro_f1"] > 50.0
+    assert row["train_ips"] > 0 and row["data_ips"] > 0 and tr.data_ips > 0
+    assert (out / "tb").is_dir() and any((out / "tb").iterdir())
+    args = json.loads((out / "args.json").read_text())
+    assert args["config"]["epochs"] == 3 and args["resolved"]["input"]["size"] == 48
+
+
+def test_checkpoint_loads_and_matches_model(trained):
+    tr, row, out = trained
+    loaded = ck.load(out / "last.safetensors")
+    assert loaded.info.arch == "fastcnn" and loaded.info.labels == list(LABELS)
+    assert loaded.spec.size == 48 and loaded.spec.channels == 1
+    assert loaded.spec.crop_margin == ck.InputSpec().crop_margin
+    t = loaded.info.training
+    assert t["epoch"] == 3 and t["seed"] == 0 and t["split_sizes"] == {"train": 384, "val": 128}
+    assert "command" in t and t["data"]["name"] == "fer2013"
+    assert loaded.info.metrics["val_accuracy"] == pytest.approx(row["val_accuracy"])
+    x = torch.randn(5, 1, 48, 48)
+    tr.model.eval()
+    with torch.no_grad():
+        a, b = tr.model(x)["logits"], loaded.model(x)["logits"]
+    assert torch.equal(a, b)
+    best = ck.load(out / "best.safetensors")
+    assert best.info.metrics["val_accuracy"] == pytest.approx(tr.best_value)
+
+
+def test_state_file_is_weights_only(trained):
+    _, _, out = trained
+    s = torch.load(out / "state.pt", weights_only=True)
+    assert s["epoch"] == 3 and s["format"] == "fer-desktop-train-state"
+    assert {"model", "optimizers", "schedulers", "scaler", "rng", "batches", "method", "extra"} <= set(s)
+    assert isinstance(s["rng"]["numpy"]["keys"], torch.Tensor)
+
+
+def test_refuses_to_overwrite_a_run(trained):
+    _, _, out = trained
+    with pytest.raises(TrainError, match="--resume"):
+        Trainer(tiny_cfg(out), Baseline, datasets=(patterns(32, 0), patterns(16, 1)))
+
+
+# ------------------------------------------------------------------------------- resume after a kill
+
+
+def _run(out, method, kill=None, resume=False, **kw):
+    cfg = tiny_cfg(out, resume=resume, input_size=32, **kw)
+    tr = Trainer(cfg, method, datasets=(patterns(96, 0, size=32), patterns(32, 1, size=32)),
+                 callbacks=[kill] if kill else [])
+    if kill is None:
+        tr.fit()
+    else:
+        with pytest.raises(Kill):
+            tr.fit()
+    return tr
+
+
+def _csv_epochs(out: Path) -> list[int]:
+    with open(out / "metrics.csv", newline="") as fh:
+        return [int(r["epoch"]) for r in csv.DictReader(fh)]
+
+
+def deep_diff(a, b, path="") -> list[str]:
+    """Paths where two nested state structures differ (tensors compared bitwise)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ok = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        return [] if ok else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path} keys {sorted(map(str, a))} != {sorted(map(str, b))}"]
+        return [d for k in a for d in deep_diff(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path} length"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in deep_diff(x, y, f"{path}[{i}]")]
+    same = a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+    return [] if same else [f"{path}: {a!r} != {b!r}"]
+
+
+def _check_identical(a_out: Path, b_out: Path):
+    sa = torch.load(a_out / "state.pt", weights_only=True)
+    sb = torch.load(b_out / "state.pt", weights_only=True)
+    assert sa["epoch"] == sb["epoch"] == 3
+    assert state_equal(sa["model"], sb["model"]) == [], "resumed weights differ from the uninterrupted run"
+    # everything else too: optimiser moments and lrs, schedulers, RNGs, generators, method and extra state
+    for k in ("config",):
+        sa.pop(k), sb.pop(k)
+    assert deep_diff(sa, sb) == []
+    wa = ck.load(a_out / "last.safetensors").model.state_dict()
+    wb = ck.load(b_out / "last.safetensors").model.state_dict()
+    assert state_equal(wa, wb) == []
+    return sa, sb
+
+
+def test_resume_after_kill_mid_epoch_is_exact(tmp_path):
+    straight = _run(tmp_path / "a", Baseline)
+    _run(tmp_path / "b", Baseline, kill=KillAt(epoch=2, step=3))
+    assert torch.load(tmp_path / "b" / "state.pt", weights_only=True)["epoch"] == 1
+    resumed = _run(tmp_path / "b", Baseline, resume=True)
+    assert resumed.resumed
+    _check_identical(tmp_path / "a", tmp_path / "b")
+    assert _csv_epochs(tmp_path / "b") == [1, 2, 3]
+    assert straight.best_value == resumed.best_value
+
+
+def test_resume_after_kill_between_log_and_state(tmp_path):
+    """Killed after epoch 2's csv row but before its state.pt: the rerun of epoch 2 must not duplicate it."""
+    _run(tmp_path / "a", Baseline)
+    _run(tmp_path / "b", Baseline, kill=KillAt(epoch=2))
+    assert _csv_epochs(tmp_path / "b") == [1, 2]
+    _run(tmp_path / "b", Baseline, resume=True)
+    _check_identical(tmp_path / "a", tmp_path / "b")
+    assert _csv_epochs(tmp_path / "b") == [1, 2, 3]
+    ra = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
+    rb = list(csv.DictReader(open(tmp_path / "b" / "metrics.csv")))
+    for x, y in zip(ra, rb):
+        assert x["val_accuracy"] == y["val_accuracy"] and x["train_loss"] == y["train_loss"]
+
+
+# ---------------------------------------------------------------------------- every hook, with resume
+
+
+class ToyNet(nn.Module):
+    def __init__(self, net: nn.Module, k: int):
+        super().__init__()
+        self.net = net
+        self.aux = nn.Linear(net.feature_dim, 8)
+        self.branches = nn.ModuleList()
+        self.k = k
+
+    def add_branch(self) -> nn.Module:
+        b = nn.Linear(self.net.feature_dim, self.k).to(self.aux.weight.device)
+        self.branches.append(b)
+        return b
+
+
+class KitchenSink(Method):
+    """Uses every extension point: 2 views (ECAN), EMA encoder + labelled queue filled by a frozen pass
+    (ECAN), per-optimiser losses or manual steps (AVCE), own-rule centres (DAF-CNN), a branch added during
+    training (ESR), block features (CLCL / diversity), plateau with reload-best (DAF-CNN)."""
+
+    name = "kitchen"
+    views = 2
+    manual = False
+
+    def build_model(self, data):
+        self.arch, self.arch_kwargs = "fastcnn", {"num_classes": data.num_classes, "in_chans": 1, "width": 0.25}
+        return ToyNet(create_model(self.arch, **self.arch_kwargs), data.num_classes)
+
+    def export_model(self):
+        return self.model.net
+
+    def build_optimizers(self):
+        m = self.model
+        aux_params = list(m.aux.parameters()) + list(m.net.stages[-1].parameters())  # shares the last stage
+        return {"main": torch.optim.SGD(m.net.parameters(), lr=self.cfg.lr, momentum=0.9),
+                "aux": torch.optim.Adam(aux_params, lr=1e-3)}
+
+    def setup(self):
+        t = self.trainer
+        fd = self.model.net.feature_dim
+        self.ema = t.register_state("ema", MomentumEncoder(self.model.net, 0.9))
+        self.queue = t.register_state("queue", FeatureQueue(48, fd))
+        self.centres = torch.zeros(t.data.num_classes, fd)
+        self.fills = 0
+
+    def before_training(self):
+        with torch.no_grad():
+            for b in self.trainer.make_batches(self.trainer.train_ds, augment=True):
+                self.queue.push(self.ema(b.input)["embedding"], b.label)
+                self.fills += 1
+
+    def on_epoch_start(self, epoch):
+        if epoch == 2 and len(self.model.branches) == 0:
+            self._add_branch()
+
+    def _add_branch(self):
+        b = self.model.add_branch()
+        self.trainer.add_param_group("main", {"params": list(b.parameters()), "lr": 0.01})
+
+    def _losses(self, batch):
+        out = [forward_with_blocks(self.model.net, x) for x in batch.inputs]
+        ce = sum(F.cross_entropy(o["logits"], batch.label) for o in out) / 2
+        emb = out[0]["embedding"]
+        qf, ql = self.queue.get()
+        neg = (emb @ qf.T)[:, :].mean() if len(qf) else emb.sum() * 0
+        centre = ((emb - self.centres[batch.label]) ** 2).sum(1).mean()
+        blocks = out[0]["blocks"][0].pow(2).mean()
+        for br in self.model.branches:
+            ce = ce + F.cross_entropy(br(emb), batch.label)
+        self._emb = emb.detach()
+        main = ce + 1e-3 * centre + 1e-3 * blocks + 1e-3 * neg
+        aux = self.model.aux(out[1]["embedding"]).pow(2).mean()
+        return main, aux
+
+    def training_step(self, batch):
+        main, aux = self._losses(batch)
+        return {"loss/main": main, "loss/aux": aux}
+
+    def after_step(self, batch, logs):
+        self.ema.update(self.model.net)
+        with torch.no_grad():
+            self.queue.push(self.ema(batch.input)["embedding"], batch.label)
+            self.centres.index_add_(0, batch.label, 0.05 * (self._emb - self.centres[batch.label]))
+
+    def eval_step(self, batch):
+        out = dict(self.model.net(batch.input))
+        for i, br in enumerate(self.model.branches):
+            out[f"logits_branch{i}"] = br(out["embedding"])
+        return out
+
+    def state_dict(self):
+        return {"centres": self.centres, "branches": len(self.model.branches), "fills": self.fills}
+
+    def load_state_dict(self, s):
+        while len(self.model.branches) < s["branches"]:
+            self._add_branch()
+        self.centres.copy_(s["centres"])
+        self.fills = s["fills"]
+
+
+class KitchenSinkManual(KitchenSink):
+    manual_optimization = True
+
+    def training_step(self, batch):
+        with self.trainer.autocast():
+            main, _ = self._losses(batch)
+        self.trainer.step(main, "main")
+        with self.trainer.autocast():  # a second forward/backward pass with the updated weights
+            _, aux = self._losses(batch)
+        self.trainer.step(aux, "aux")
+        return {"loss": main.detach(), "aux": aux.detach()}
+
+
+@pytest.mark.parametrize("method", [KitchenSink, KitchenSinkManual])
+def test_every_hook_survives_a_kill(tmp_path, method):
+    kw = dict(scheduler="plateau", plateau_patience=0, plateau_threshold=200.0, plateau_factor=0.5, reload_best=True)
+    a = _run(tmp_path / "a", method, **kw)
+    _run(tmp_path / "b", method, kill=KillAt(epoch=3, step=2), **kw)
+    b = _run(tmp_path / "b", method, resume=True, **kw)
+    sa, sb = _check_identical(tmp_path / "a", tmp_path / "b")
+    # the branch added at epoch 2 was re-created on resume, with its param group
+    assert len(b.model.branches) == 1 and len(b.optimizers["main"].param_groups) == 2
+    assert torch.equal(sa["method"]["centres"], sb["method"]["centres"]) and sa["method"]["centres"].abs().sum() > 0
+    assert state_equal(sa["extra"]["ema"]["module"], sb["extra"]["ema"]["module"]) == []
+    assert torch.equal(sa["extra"]["queue"]["features"], sb["extra"]["queue"]["features"])
+    assert sa["method"]["fills"] == a.method.fills > 0  # frozen pass ran once, not again on resume
+    # plateau never sees a gain of 200 points: the lr halves every epoch and the best weights are reloaded
+    # (epoch 1 is an improvement over nothing; epochs 2 and 3 are not)
+    assert a.lr("main") == pytest.approx(0.05 * 0.5 ** 2)
+    best = torch.load(tmp_path / "a" / "best_state.pt", weights_only=True)
+    assert state_equal(best["model"], a.model.state_dict()) == []
+    assert any(k.startswith("val_accuracy_branch0") for k in a.history[-1])
+
+
+def test_feature_queue_and_momentum_encoder():
+    q = FeatureQueue(5, 2)
+    q.push(torch.ones(3, 2), torch.tensor([0, 1, 2]))
+    assert q.get()[0].shape == (3, 2) and not q.full
+    q.push(2 * torch.ones(4, 2), torch.tensor([3, 4, 5, 6]))
+    f, lab = q.get()
+    assert q.full and f.shape == (5, 2) and sorted(lab.tolist()) == [2, 3, 4, 5, 6]
+    lin = nn.Linear(2, 1)
+    ema = MomentumEncoder(lin, 0.75)
+    with torch.no_grad():
+        old = ema.module.weight.clone()
+        lin.weight.add_(1.0)
+    ema.update(lin)
+    assert torch.allclose(ema.module.weight, 0.75 * old + 0.25 * lin.weight)
+    assert not any(p.requires_grad for p in ema.module.parameters())
