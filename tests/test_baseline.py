@@ -154,7 +154,7 @@ def test_on_disk_loader_path_matches_in_memory(tmp_path, monkeypatch):
             img = np.clip(rng.normal(60 + 40 * (i % 4), 30, (32, 32)), 0, 255).astype(np.uint8)
             cv2.imwrite(str(d / f"{i:03d}.png"), img)
     common = ["--data", "folder", "--data-dir", str(root), "--epochs", "2", "--input-size", "32", "--batch-size", "8",
-              "--arch-kwargs", '{"width": 0.25}', "--no-tensorboard", "--bench-batches", "0",
+              "--arch-kwargs", '{"width": 0.25}', "--no-tensorboard", "--bench-batches", "1",
               "--data-opt", "channels=1", "--data-opt", "image_size=32"]
     assert main(Baseline, [*common, "--workers", "2", "--out", str(tmp_path / "disk")]) == 0
     assert main(Baseline, [*common, "--data-opt", "in_memory=true", "--out", str(tmp_path / "mem")]) == 0
@@ -163,3 +163,5 @@ def test_on_disk_loader_path_matches_in_memory(tmp_path, monkeypatch):
     assert a.info.labels == list(LABEL_SETS["fer7"]) and a.spec.channels == 1
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with open(tmp_path / "disk" / "metrics.csv", newline="") as fh:
+        assert float(next(csv.DictReader(fh))["data_alone_ips"]) > 0

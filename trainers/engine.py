@@ -727,24 +727,35 @@ def make_batches(ds: Any, spec: InputSpec, device: torch.device, batch_size: int
 def benchmark_batches(batches: _Batches, max_batches: int = 20) -> float:
     """Images/s of the data pipeline alone (decode/gather + augment + normalise), no model.
 
-    Leaves every generator (the provider's and the global ones) as it found them.
+    In memory: the median batch rate over ``max_batches`` batches after 2 warm-up ones, so that a moment
+    of CPU contention does not decide the figure. DataLoader (workers prefetch, so single batches say
+    nothing): all timed images over the total time. Leaves every generator (the provider's and the
+    global ones) as it found them.
     """
     saved, rng = batches.state_dict(), _rng_state()
     sync = torch.cuda.synchronize if batches.device.type == "cuda" else (lambda: None)
-    n, t0 = 0, None
+    rates: list[float] = []
+    n, t0 = 0, 0.0
     try:
-        for i, b in enumerate(batches.iter_batches(limit=max_batches + 1)):
-            if i == 0:  # warm-up (workers, kernels)
-                sync()
-                t0 = time.perf_counter()
-                continue
-            n += len(b) * len(b.inputs)
         sync()
-        dt = time.perf_counter() - t0 if t0 is not None else 0.0
+        t = time.perf_counter()
+        for i, b in enumerate(batches.iter_batches(limit=max_batches + 2)):
+            sync()
+            now = time.perf_counter()
+            if i >= 2:  # warm-up: workers, allocator, kernels
+                rates.append(len(b) * len(b.inputs) / max(now - t, 1e-9))
+                n += len(b) * len(b.inputs)
+            else:
+                t0 = now
+            t = now
     finally:
         batches.load_state_dict(saved)
         _set_rng_state(rng)
-    return n / dt if dt > 0 and n else float("nan")
+    if not rates:
+        return float("nan")
+    if isinstance(batches, TensorBatches):
+        return float(np.median(rates))
+    return n / max(t - t0, 1e-9)
 
 
 # ================================================================================ method building blocks
