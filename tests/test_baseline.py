@@ -77,7 +77,9 @@ def test_baseline_cli_trains_evaluates_and_resumes(fer_dir, tmp_path, capsys):
     t2 = ck.load(out / "last.safetensors").info.training
     assert t2["command"] == t["command"] and t2["resumed_with"][0].endswith("--resume --epochs 2")
     with open(out / "metrics.csv", newline="") as fh:
-        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2]
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[1]["lr"]) > 0.01, "the cosine schedule must stretch to the new --epochs on resume"
 
     capsys.readouterr()
     ev = tmp_path / "eval"

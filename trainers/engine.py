@@ -1554,7 +1554,17 @@ class Trainer:
         for n, o in self.optimizers.items():
             o.load_state_dict(s["optimizers"][n])
         for n, sch in self.schedules.items():
+            fresh = [(f, f.total) for f in getattr(sch.scheduler, "lr_lambdas", []) if isinstance(f, _WarmupCosine)]
             sch.scheduler.load_state_dict(s["schedulers"][n])
+            if any(f.total != total for f, total in fresh):  # resumed with another --epochs: re-time the cosine
+                log.info("cosine schedule now ends at step %d (was %d)", fresh[0][1], fresh[0][0].total)
+                for f, total in fresh:
+                    f.total = total
+                lam = sch.scheduler
+                opt = self.optimizers[sch.optimizer]
+                for g, base, fn in zip(opt.param_groups, lam.base_lrs, lam.lr_lambdas):
+                    g["lr"] = base * fn(lam.last_epoch)
+                lam._last_lr = [g["lr"] for g in opt.param_groups]
         self.scaler.load_state_dict(s["scaler"])
         for n, o in self.extra_state.items():
             o.load_state_dict(s["extra"][n])
