@@ -195,7 +195,8 @@ def test_checkpoint_loads_and_matches_model(trained):
     tr.model.eval()
     with torch.no_grad():
         a, b = tr.model(x)["logits"], loaded.model(x)["logits"]
-    assert torch.equal(a, b)
+    # same weights; the trainer's copy is channels-last, which picks other conv kernels (float rounding only)
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
     best = ck.load(out / "best.safetensors")
     assert best.info.metrics["val_accuracy"] == pytest.approx(tr.best_value)
 
