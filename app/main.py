@@ -58,57 +58,77 @@ def _parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-class ScreenshotController:
-    """Runs the window until ``frames`` frames were processed (or the source ended/failed, or the timeout
-    passed), then saves ``window.grab()`` to ``path`` and quits the application."""
+def _screenshot_controller_class():
+    from PySide6.QtCore import QObject, QTimer, Slot
 
-    def __init__(self, window, path: Path, frames: int, timeout_s: float):
-        from PySide6.QtCore import QTimer
+    class ScreenshotController(QObject):
+        """Runs the window until ``frames`` frames were processed (or the source ended/failed, or the
+        timeout passed), then saves ``window.grab()`` to ``path`` and quits the application.
 
-        self.window = window
-        self.path = Path(path)
-        self.frames = max(1, int(frames))
-        self.saved = False
-        self.reason = ""
-        self._triggered = False
-        window.frameShown.connect(self._on_frame)
-        window.worker.endOfStream.connect(lambda _m: self.trigger("end of the source", 400))
-        window.worker.sourceFailed.connect(lambda _s, _m: self.trigger("the source failed", 400))
-        self._timeout = QTimer(window)
-        self._timeout.setSingleShot(True)
-        self._timeout.timeout.connect(lambda: self.trigger(f"timeout after {timeout_s:g} s", 0))
-        self._timeout.start(int(timeout_s * 1000))
+        A QObject living in the GUI thread: the worker's signals reach its slots queued, on this thread.
+        """
 
-    def _on_frame(self, packet) -> None:
-        if packet.processed >= self.frames:
-            self.trigger(f"{packet.processed} frames", 250)
+        def __init__(self, window, path: Path, frames: int, timeout_s: float):
+            super().__init__(window)
+            self.window = window
+            self.path = Path(path)
+            self.frames = max(1, int(frames))
+            self.timeout_s = timeout_s
+            self.saved = False
+            self.reason = ""
+            self._triggered = False
+            window.frameShown.connect(self._on_frame)
+            window.worker.endOfStream.connect(self._on_end)
+            window.worker.sourceFailed.connect(self._on_failed)
+            self._timeout = QTimer(self)
+            self._timeout.setSingleShot(True)
+            self._timeout.timeout.connect(self._on_timeout)
+            self._timeout.start(int(timeout_s * 1000))
 
-    def trigger(self, reason: str, delay_ms: int) -> None:
-        from PySide6.QtCore import QTimer
+        @Slot(object)
+        def _on_frame(self, packet) -> None:
+            if packet.processed >= self.frames:
+                self.trigger(f"{packet.processed} frames", 250)
 
-        if self._triggered:
-            return
-        self._triggered = True
-        self.reason = reason
-        self.window.worker.set_paused(True)  # freeze the frame without the "Paused" overlay
-        QTimer.singleShot(delay_ms, self._grab)
+        @Slot(str)
+        def _on_end(self, _message: str) -> None:
+            self.trigger("end of the source", 400)
 
-    def _grab(self) -> None:
-        from PySide6.QtWidgets import QApplication
+        @Slot(object, str)
+        def _on_failed(self, _spec, _message: str) -> None:
+            self.trigger("the source failed", 400)
 
-        w = self.window
-        w._refresh_status()
-        QApplication.processEvents()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        pixmap = w.grab()
-        self.saved = pixmap.save(str(self.path), "PNG")
-        if self.saved:
-            print(f"fer-desktop: screenshot ({pixmap.width()}x{pixmap.height()}, {self.reason}) -> {self.path}",
-                  file=sys.stderr)
-        else:
-            print(f"fer-desktop: could not write {self.path}", file=sys.stderr)
-        w.close()
-        QApplication.instance().exit(0 if self.saved else 1)
+        @Slot()
+        def _on_timeout(self) -> None:
+            self.trigger(f"timeout after {self.timeout_s:g} s", 0)
+
+        def trigger(self, reason: str, delay_ms: int) -> None:
+            if self._triggered:
+                return
+            self._triggered = True
+            self.reason = reason
+            self.window.worker.set_paused(True)  # freeze the frame without the "Paused" overlay
+            QTimer.singleShot(delay_ms, self._grab)
+
+        @Slot()
+        def _grab(self) -> None:
+            from PySide6.QtWidgets import QApplication
+
+            w = self.window
+            w._refresh_status()
+            QApplication.processEvents()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            pixmap = w.grab()
+            self.saved = pixmap.save(str(self.path), "PNG")
+            if self.saved:
+                print(f"fer-desktop: screenshot ({pixmap.width()}x{pixmap.height()}, {self.reason}) -> {self.path}",
+                      file=sys.stderr)
+            else:
+                print(f"fer-desktop: could not write {self.path}", file=sys.stderr)
+            w.close()
+            QApplication.instance().exit(0 if self.saved else 1)
+
+    return ScreenshotController
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,17 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     controller = None
     if shot:
         window.resize(*_parse_size(args.size))
-        controller = ScreenshotController(window, Path(args.screenshot), args.frames, args.timeout)
+        controller = _screenshot_controller_class()(window, Path(args.screenshot), args.frames, args.timeout)
     window.show()
 
     # Ctrl+C in the terminal closes the window cleanly (Qt's loop would otherwise never see it)
-    signal.signal(signal.SIGINT, lambda *_: window.close())
+    old_handler = signal.signal(signal.SIGINT, lambda *_: window.close())
     tick = QTimer()
     tick.timeout.connect(lambda: None)
     tick.start(200)
-
-    rc = app.exec()
-    window.shutdown()
+    try:
+        rc = app.exec()
+    finally:
+        tick.stop()
+        signal.signal(signal.SIGINT, old_handler)
+        window.shutdown()
     if controller is not None and not controller.saved:
         return 1
     return int(rc)

@@ -148,7 +148,7 @@ class MainWindow(QMainWindow):
         w.recordingStarted.connect(self._on_recording_started)
         w.recordingStopped.connect(self._on_recording_stopped)
         w.recordingFailed.connect(self._on_recording_failed)
-        w.detectorChanged.connect(lambda name: self.statusBar().showMessage(f"Face detector: {name} range", 4000))
+        w.detectorChanged.connect(self._on_detector_switched)
         w.errorOccurred.connect(self._on_worker_error)
         self.video.displaySizeChanged.connect(w.set_display_size)
 
@@ -738,6 +738,9 @@ class MainWindow(QMainWindow):
     def _on_detector_changed(self) -> None:
         if hasattr(self, "worker"):
             self.worker.set_detector_model(self.detector_combo.currentData())
+
+    def _on_detector_switched(self, name: str) -> None:
+        self.statusBar().showMessage(f"Face detector: {name} range", 4000)
 
     def _refresh_status(self) -> None:
         p = self.last_packet

@@ -11,7 +11,9 @@ packet; until then newer frames are still processed (and recorded) but not sent,
 with the next packet that is (``FramePacket.results``), so the GUI's history misses nothing while the
 display simply shows the newest frame. Nothing queues without bound.
 
-Every public method except :meth:`run` is called from the GUI thread: they only set flags or queue a
+Connect the worker's signals only to methods of QObjects living in the GUI thread (never to lambdas or
+plain functions: those would run on the worker thread). Every public method except :meth:`run` is
+called from the GUI thread: they only set flags or queue a
 command that the loop applies between frames, so they never block.
 
 :class:`ModelLoader` loads a checkpoint and builds its backend on a short-lived thread (loading a model and

@@ -12,7 +12,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor, QFont
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QSpinBox, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QSpinBox, QStackedWidget, QVBoxLayout, QWidget
 
 from ferengine.pipeline import FaceResult
 
@@ -48,6 +48,13 @@ class _Panel(QWidget):
         self.caption.setMinimumHeight(self.caption.fontMetrics().height() * 2 + 4)
         self.caption.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
         self.plot = _plot_widget()
+        self.placeholder = QLabel(self)  # shown instead of the plot when there is nothing it could show
+        self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.placeholder.setWordWrap(True)
+        self.placeholder.setStyleSheet(f"color: {MUTED};")
+        self.body = QStackedWidget(self)
+        self.body.addWidget(self.plot)
+        self.body.addWidget(self.placeholder)
         self.header = QHBoxLayout()
         self.header.setContentsMargins(0, 0, 0, 0)
         self.header.addWidget(self.caption, 1)
@@ -55,7 +62,15 @@ class _Panel(QWidget):
         lay.setContentsMargins(6, 2, 6, 4)
         lay.setSpacing(2)
         lay.addLayout(self.header)
-        lay.addWidget(self.plot, 1)
+        lay.addWidget(self.body, 1)
+
+    def show_placeholder(self, text: str | None) -> None:
+        """Replace the plot by a centred message (``None``: show the plot)."""
+        if text:
+            self.placeholder.setText(text)
+            self.body.setCurrentWidget(self.placeholder)
+        else:
+            self.body.setCurrentWidget(self.plot)
 
     def set_caption(self, html: str) -> None:
         if self.caption.text() != html:
@@ -87,9 +102,11 @@ class ProbabilityChart(_Panel):
         pi.addItem(self.bars)
         self._texts: list[pg.TextItem] = []
         self.set_caption(f'<span style="color:{MUTED}">No face yet</span>')
+        self.show_placeholder("No model loaded")
 
     def set_labels(self, labels: Sequence[str]) -> None:
         labels = tuple(labels)
+        self.show_placeholder(None if labels else "No model loaded:\nfaces are detected, expressions are not analysed")
         if labels == self.labels:
             return
         self.labels = labels
