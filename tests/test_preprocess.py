@@ -34,6 +34,15 @@ def test_crop_centres_the_box_and_scales_by_margin():
     assert 18 <= white.sum() ** 0.5 <= 22  # 20x20 white square in a 40x40 crop
 
 
+def test_large_faces_are_shrunk_without_aliasing():
+    # 1-pixel stripes shrunk 6x must average to flat grey, not to a moire of black and white bands
+    frame = np.zeros((400, 400), np.uint8)
+    frame[:, ::2] = 255
+    spec = InputSpec(size=48, crop_margin=0.0, align=False)
+    crop = crop_faces(frame, [(56, 56, 288, 288)], None, spec)[0].astype(float)
+    assert abs(crop.mean() - 127.5) < 3 and crop.std() < 10
+
+
 def test_crop_offset_moves_the_centre_down():
     frame = np.zeros((200, 200), np.uint8)
     frame[100:, :] = 255  # lower half white
