@@ -1,0 +1,155 @@
+"""Triplet-centre (TC) loss as DAF-CNN writes it (papers/daf_cnn.md, section 3.3, eqs. 6-12; after He et al.,
+"Triplet-center loss for multi-view 3D object retrieval", CVPR 2018).
+
+For embedding ``e_i`` with label ``p``, class centres ``c_1..c_K``:
+
+- eqs. 6-7: ``D(e, c) = 1/2 ||e - c||^2``;
+- the nearest negative centre ``q_i = argmin_{j != p} D(e_i, c_j)``;
+- eq. 10: ``L_i = max(D(e_i, c_p) + m - D(e_i, c_q), 0)``;
+- eq. 9: ``L_tc = sum_i L_i`` over the batch (a sum, not a mean: ``reduction="sum"``, the default; the
+  paper's lambda = 0.007 for batch 128 is set against that sum; ``"mean"`` is there as an option);
+- eq. 11: ``dL/de_i = (c_q - c_p) * [L_i > 0]`` -- exactly what autograd gives with the centres held
+  constant (they are a buffer, not a parameter), see :func:`feature_gradient`;
+- eq. 12, the centre rule, applied outside the optimiser::
+
+      Delta_j = sum_i (e_i - c_j)[L_i>0][p_i=j] / (1 + sum_i [L_i>0][p_i=j])
+              - sum_i (e_i - c_j)[L_i>0][q_i=j] / (1 + sum_i [L_i>0][q_i=j])
+
+  The paper prints this as ``dL/dc_j``, but it is the *negative* of that gradient (``dD(e,c_p)/dc_p =
+  -(e - c_p)``; the TC paper [20] has the opposite sign). Read as printed and applied as a gradient step
+  it would push every centre away from its own class; so we read it as the descent direction, as in
+  centre loss [19] ("similar to the practice in centre loss"): ``c_j <- c_j + alpha * Delta_j``, which
+  moves a centre towards its active samples and away from the active samples it is the nearest
+  negative of. ``alpha`` (``centre_lr``) is not given by the paper: 0.5, centre loss's value.
+  Only active samples (``L_i > 0``) move centres, for the positive term too, as eq. 12 writes.
+- Centres start as N(0, 0.01^2) ("mean and standard deviation are (0, 0.01)", 4.2).
+
+Items with label < 0 (no label) are ignored. Distances are computed in float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TCResult", "TripletCentreLoss", "centre_delta", "feature_gradient", "half_sq_distances",
+           "triplet_centre_loss"]
+
+
+@dataclass
+class TCResult:
+    """One evaluation of the TC loss on a batch (tensors over the batch's labelled items)."""
+
+    loss: torch.Tensor             # eq. 9 (sum, or mean with reduction="mean")
+    per_sample: torch.Tensor       # L_i, eq. 10, (M,)
+    d_pos: torch.Tensor            # D(e_i, c_p), (M,)
+    d_neg: torch.Tensor            # D(e_i, c_q), (M,)
+    nearest_negative: torch.Tensor  # q_i, (M,) int64
+    active: torch.Tensor           # L_i > 0, (M,) bool
+    labels: torch.Tensor           # p_i, (M,) int64
+    embeddings: torch.Tensor       # e_i (detached, float32), (M, d): what the centre update uses
+
+    @property
+    def active_fraction(self) -> torch.Tensor:
+        return self.active.float().mean() if self.active.numel() else self.active.new_zeros((), dtype=torch.float32)
+
+
+def half_sq_distances(emb: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``D(e_i, c_j) = 1/2 ||e_i - c_j||^2`` for every item and centre, ``(M, K)`` (exact differences, no
+    expansion of the square, so small distances keep their precision)."""
+    diff = emb.float().unsqueeze(1) - centres.float().unsqueeze(0)
+    return 0.5 * diff.pow(2).sum(-1)
+
+
+def triplet_centre_loss(emb: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, margin: float,
+                        reduction: str = "sum") -> TCResult:
+    """Eqs. 6-10 on a batch. ``emb`` ``(B, d)`` (gradient flows to it), ``labels`` ``(B,)``, ``centres``
+    ``(K, d)`` (treated as constants)."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    k = centres.shape[0]
+    if k < 2:
+        raise ValueError("the triplet-centre loss needs at least 2 classes (a negative centre)")
+    keep = labels >= 0
+    if not bool(keep.all()):
+        emb, labels = emb[keep], labels[keep]
+    labels = labels.long()
+    c = centres.detach().float()
+    d = half_sq_distances(emb, c)                                   # (M, K)
+    d_pos = d.gather(1, labels[:, None]).squeeze(1)
+    own = F.one_hot(labels, k).bool()
+    d_other = d.masked_fill(own, float("inf"))
+    d_neg, q = d_other.min(1)                                       # nearest negative centre
+    per = F.relu(d_pos + float(margin) - d_neg)                     # eq. 10 (relu: gradient only where > 0)
+    if per.numel() == 0:
+        loss = emb.float().sum() * 0.0
+    else:
+        loss = per.sum() if reduction == "sum" else per.mean()
+    return TCResult(loss=loss, per_sample=per, d_pos=d_pos, d_neg=d_neg, nearest_negative=q,
+                    active=per.detach() > 0, labels=labels, embeddings=emb.detach().float())
+
+
+def feature_gradient(centres: torch.Tensor, labels: torch.Tensor, nearest_negative: torch.Tensor,
+                     active: torch.Tensor) -> torch.Tensor:
+    """Eq. 11: ``dL_tc/de_i = (c_q - c_p) * [L_i > 0]`` (for ``reduction="sum"``), ``(M, d)``."""
+    c = centres.float()
+    return (c[nearest_negative] - c[labels]) * active.float().unsqueeze(1)
+
+
+def centre_delta(result: TCResult, centres: torch.Tensor) -> torch.Tensor:
+    """Eq. 12 as printed, ``Delta_j`` for every centre, ``(K, d)``; the update is ``c += alpha * Delta``."""
+    c = centres.float()
+    e, p, q = result.embeddings, result.labels, result.nearest_negative
+    a = result.active.float()
+    k = c.shape[0]
+    w_pos = F.one_hot(p, k).float() * a[:, None]                  # [L_i>0][p_i=j], (M, K)
+    w_neg = F.one_hot(q, k).float() * a[:, None]                  # [L_i>0][q_i=j]
+    n_pos, n_neg = w_pos.sum(0), w_neg.sum(0)                      # (K,)
+    # sum_i w_ij (e_i - c_j) = (W^T E)_j - n_j c_j
+    pos = (w_pos.t() @ e - n_pos[:, None] * c) / (1.0 + n_pos)[:, None]
+    neg = (w_neg.t() @ e - n_neg[:, None] * c) / (1.0 + n_neg)[:, None]
+    return pos - neg
+
+
+class TripletCentreLoss(nn.Module):
+    """The TC loss with its class centres as a buffer, updated by eq. 12 outside any optimiser.
+
+    ``forward(emb, labels)`` returns a :class:`TCResult` and remembers what the centre update needs;
+    ``update_centres()`` (call it after the optimiser step) applies ``c <- c + centre_lr * Delta`` with
+    the centres and embeddings of that forward pass. ``state_dict()`` holds the centres.
+    """
+
+    def __init__(self, num_classes: int, dim: int, margin: float, centre_lr: float = 0.5,
+                 reduction: str = "sum", init_std: float = 0.01, generator: torch.Generator | None = None):
+        super().__init__()
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.margin, self.centre_lr, self.reduction = float(margin), float(centre_lr), reduction
+        self.register_buffer("centres", torch.randn(num_classes, dim, generator=generator) * float(init_std))
+        self._pending: TCResult | None = None
+
+    def extra_repr(self) -> str:
+        k, d = self.centres.shape
+        return f"classes={k}, dim={d}, margin={self.margin}, centre_lr={self.centre_lr}, reduction={self.reduction}"
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> TCResult:
+        res = triplet_centre_loss(emb, labels, self.centres, self.margin, self.reduction)
+        if self.training:
+            self._pending = res
+        return res
+
+    @torch.no_grad()
+    def update_centres(self) -> torch.Tensor | None:
+        """Apply eq. 12 for the last training forward; returns the applied ``Delta`` (or None)."""
+        res, self._pending = self._pending, None
+        if res is None or res.labels.numel() == 0:
+            return None
+        delta = centre_delta(res, self.centres)
+        self.centres.add_(delta.to(self.centres.dtype), alpha=self.centre_lr)
+        return delta
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a reload forgets the pending update
+        self._pending = None
+        return super()._load_from_state_dict(*args, **kwargs)
