@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
 from ferengine.backends import BACKENDS, available_backends
 
 from . import __version__
+from ._compat import guard_singleton_refcounts
 from .annotate import render_annotated
 from .icon import app_icon, app_pixmap, camera_icon, record_icon
 from .settings import Settings
@@ -91,6 +92,7 @@ class MainWindow(QMainWindow):
     _camerasFound = Signal(list)
 
     def __init__(self, options: LaunchOptions | None = None, settings: Settings | None = None):
+        guard_singleton_refcounts()  # before the first frame: see app/_compat.py
         super().__init__()
         self.options = options or LaunchOptions()
         self.settings = settings or Settings()
@@ -116,6 +118,7 @@ class MainWindow(QMainWindow):
         self._last_model_error = ""
 
         self.setWindowIcon(app_icon())
+        self.setAcceptDrops(True)
         self.setDockOptions(QMainWindow.DockOption.AnimatedDocks | QMainWindow.DockOption.AllowNestedDocks)
         self._build_central()
         self._build_docks()
@@ -431,6 +434,11 @@ class MainWindow(QMainWindow):
         self.act_keypoints.setChecked(s.get_bool("view/keypoints", False))
         backend = self.options.backend or s.get_str("model/backend", "auto")
         if backend not in self.backend_actions or not self.backend_actions[backend].isEnabled():
+            if self.options.backend and backend in self.backend_actions:
+                reason = self.backend_actions[backend].toolTip().removeprefix("Unavailable: ")
+                self.statusBar().showMessage(f"{BACKEND_NAMES.get(backend, backend)} is unavailable ({reason}); "
+                                             "using the automatic choice", 15000)
+                log.warning("backend %s unavailable (%s); using auto", backend, reason)
             backend = "auto"
         self.backend_choice = backend
         self.backend_actions[backend].setChecked(True)
@@ -917,7 +925,8 @@ class MainWindow(QMainWindow):
             a.setCheckable(True)
             a.setChecked(str(p.resolve()) == current)
         m.addSection("Recent checkpoints")
-        recent = [p for p in self.settings.recent_checkpoints() if Path(p) not in shipped]
+        shipped_keys = {str(p.resolve()) for p in shipped}
+        recent = [p for p in self.settings.recent_checkpoints() if p not in shipped_keys]
         if not recent:
             a = m.addAction("None yet")
             a.setEnabled(False)
@@ -1070,6 +1079,27 @@ class MainWindow(QMainWindow):
             f"<h3>fer-desktop {__version__}</h3><p>Real-time facial-expression recognition: face detection "
             "(MediaPipe BlazeFace), per-face class probabilities and valence/arousal.</p>"
             f"<p><b>Valence/arousal estimated from categories</b> uses the class anchors of {_esc(AV_ANCHOR_SOURCE)}.</p>"))
+
+    # ================================================================== drag and drop
+    def dragEnterEvent(self, event) -> None:
+        if event.mimeData().hasUrls() and any(u.isLocalFile() for u in event.mimeData().urls()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        paths = [Path(u.toLocalFile()) for u in event.mimeData().urls() if u.isLocalFile()]
+        if paths:
+            self.open_path(paths[0])
+            event.acceptProposedAction()
+
+    def open_path(self, path: str | Path) -> None:
+        """Open whatever ``path`` is: a checkpoint, a folder of images, or a video (drag and drop)."""
+        path = Path(path)
+        if path.is_dir():
+            self.open_folder(path)
+        elif path.suffix.lower() in MODEL_EXTENSIONS:
+            self.open_checkpoint(path)
+        else:
+            self.open_video(path)
 
     # ================================================================== shutdown
     def shutdown(self) -> bool:

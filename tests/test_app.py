@@ -455,3 +455,45 @@ def test_screenshot_mode_without_a_camera_still_exits(qapp, tmp_path, private_se
     assert rc == 0 and time.monotonic() - t0 < 20
     img = QImage(str(out))
     assert (img.width(), img.height()) == (900, 600)
+
+
+def test_image_folder_and_drop_dispatch(qtbot, make_window, tmp_path, fastcnn_checkpoint, long_video):
+    folder = tmp_path / "stills"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"img{i + 1}.png"), np.full((90, 120, 3), 60 * i, np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    win = make_window(source=SourceSpec("video", str(long_video)), fast=True)
+    wait_frames(qtbot, win, 1)
+    win.open_path(folder)  # what a drop of the folder does
+    qtbot.waitUntil(lambda: win.ended, timeout=WAIT_MS)
+    assert win.source_spec == SourceSpec("folder", str(folder)) and win.last_packet.processed == 3
+    assert win.video.overlay_text == "End of images"
+    win.open_path(fastcnn_checkpoint)  # a dropped checkpoint is loaded
+    qtbot.waitUntil(lambda: win.bundle is not None, timeout=WAIT_MS)
+    assert win.bundle.path == Path(fastcnn_checkpoint)
+    assert str(Path(fastcnn_checkpoint).resolve()) in win.settings.recent_checkpoints()
+
+
+def test_pyside_refcount_bug_is_compensated(qapp):
+    """PySide6 6.12.0 + CPython 3.11 drop references to None (void calls) and True (emit): the app must
+    compensate, or a live window aborts within a minute (app/_compat.py)."""
+    from PySide6.QtCore import QObject, QPointF, Signal
+
+    from app._compat import SPARE_REFERENCES, guard_singleton_refcounts
+
+    found = guard_singleton_refcounts()
+
+    class Probe(QObject):
+        ping = Signal()
+
+    probe, point = Probe(), QPointF()
+    n0, t0 = sys.getrefcount(None), sys.getrefcount(True)
+    for _ in range(200):
+        point.setX(2.0)
+        probe.ping.emit()
+    none_lost, true_lost = n0 - sys.getrefcount(None), t0 - sys.getrefcount(True)
+    assert found["None"] == (none_lost >= 100) and found["True"] == (true_lost >= 100)
+    if found["None"] or found["True"]:
+        for obj in (None, True, False):
+            assert sys.getrefcount(obj) > SPARE_REFERENCES // 2

@@ -92,6 +92,7 @@ class ProbabilityChart(_Panel):
         super().__init__(parent)
         self.labels: tuple[str, ...] = ()
         self.values = np.zeros(0)
+        self._brush_cache: dict[int, tuple] = {}
         self.update_count = 0
         pi = self.plot.getPlotItem()
         pi.setXRange(-0.005, 1.06, padding=0)
@@ -103,6 +104,14 @@ class ProbabilityChart(_Panel):
         self._texts: list[pg.TextItem] = []
         self.set_caption(f'<span style="color:{MUTED}">No face yet</span>')
         self.show_placeholder("No model loaded")
+
+    def _brushes(self, base: QColor) -> tuple:
+        pair = self._brush_cache.get(base.rgb())
+        if pair is None:
+            dim = QColor(base)
+            dim.setAlpha(120)
+            pair = self._brush_cache[base.rgb()] = (pg.mkBrush(base), pg.mkBrush(dim))
+        return pair
 
     def set_labels(self, labels: Sequence[str]) -> None:
         labels = tuple(labels)
@@ -132,10 +141,8 @@ class ProbabilityChart(_Panel):
         self.values = p
         ys = np.arange(k - 1, -1, -1, dtype=float)
         top = int(np.argmax(p)) if probs is not None and k else -1
-        base = face_colour(face.face_id) if face is not None else QColor("#8aa0b8")
-        dim = QColor(base)
-        dim.setAlpha(120)
-        brushes = [pg.mkBrush(base if i == top else dim) for i in range(k)]
+        solid, dim = self._brushes(face_colour(face.face_id) if face is not None else QColor("#8aa0b8"))
+        brushes = [solid if i == top else dim for i in range(k)]
         self.bars.setOpts(x0=np.zeros(k), y=ys, height=0.72, width=p, brushes=brushes)
         fg = self.palette().color(self.foregroundRole())
         for i, t in enumerate(self._texts):
@@ -174,10 +181,26 @@ class AVPlane(_Panel):
     """Valence (x) against arousal (y), both -1..1, axes through the origin, the recent path fading out."""
 
     TRAIL_POINTS = 90
+    FADE_LEVELS = 24
+
+    def _ramp(self, colour: QColor) -> list:
+        """Brushes from faint to solid for one face colour (built once per colour: the trail is redrawn
+        every frame)."""
+        key = colour.rgb()
+        ramp = self._ramps.get(key)
+        if ramp is None:
+            ramp = []
+            for k in range(self.FADE_LEVELS):
+                c = QColor(colour)
+                c.setAlphaF(0.08 + 0.6 * k / (self.FADE_LEVELS - 1) if k < self.FADE_LEVELS - 1 else 1.0)
+                ramp.append(pg.mkBrush(c))
+            self._ramps[key] = ramp
+        return ramp
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.update_count = 0
+        self._ramps: dict[int, list] = {}
         self.point = (math.nan, math.nan)
         pi = self.plot.getPlotItem()
         self.plot.setAspectLocked(True)
@@ -219,14 +242,11 @@ class AVPlane(_Panel):
                 age, v, a = age[idx], v[idx], a[idx]
             colour = face_colour(face.face_id)
             fade = np.clip(1.0 - age / max(trail_s, 1e-6), 0.0, 1.0)
-            brushes = []
-            for f in fade:
-                c = QColor(colour)
-                c.setAlphaF(0.08 + 0.6 * float(f))
-                brushes.append(pg.mkBrush(c))
+            levels = np.rint(fade * (self.FADE_LEVELS - 1)).astype(int)
+            ramp = self._ramp(colour)
             self.line.setData(v, a)
-            self.trail.setData(v, a, brush=brushes, size=(3 + 6 * fade))
-            self.dot.setData([v[-1]], [a[-1]], brush=[pg.mkBrush(colour)])
+            self.trail.setData(v, a, brush=[ramp[k] for k in levels], size=(3 + 6 * fade))
+            self.dot.setData([v[-1]], [a[-1]], brush=[ramp[-1]])
             self.point = (float(v[-1]), float(a[-1]))
         self.update_count += 1
         if face is None or source is None:

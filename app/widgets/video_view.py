@@ -32,7 +32,10 @@ class VideoView(QWidget):
         self.setCursor(Qt.CursorShape.CrossCursor)
         self.style_opts = AnnotationStyle()
         self.overlay_text = ""  # e.g. "Paused", "End of video"
-        self.paint_count = 0
+        self.paint_count = 0  # paint events
+        self.frames_painted = 0  # paint events that put a new frame on screen
+        self._painted_seq = -1
+        self._seq = 0
         self._image: np.ndarray | None = None
         self._display: np.ndarray | None = None
         self._display_size = (0, 0)
@@ -50,6 +53,7 @@ class VideoView(QWidget):
         self._display_size = display_size
         self._faces = faces
         self._selected = selected_id
+        self._seq += 1
         self.update()
 
     def set_selected(self, selected_id: int | None) -> None:
@@ -108,6 +112,9 @@ class VideoView(QWidget):
             self._draw_overlay(p)
         p.end()
         self.paint_count += 1
+        if self._image is not None and self._painted_seq != self._seq:
+            self._painted_seq = self._seq
+            self.frames_painted += 1
 
     def _draw_overlay(self, p: QPainter) -> None:
         font = QFont(self.font())
