@@ -1,0 +1,62 @@
+"""`python -m trainers.release`: the shipped file, its evaluation and its model card."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_checkpoint
+from ferengine import checkpoint as ck
+from trainers.release import main
+
+
+@pytest.fixture()
+def fer_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FER_DESKTOP_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    rows = ["emotion,pixels,Usage"]
+    for usage, n in (("Training", 14), ("PublicTest", 21)):
+        for i in range(n):
+            pix = " ".join(map(str, rng.integers(0, 256, 48 * 48)))
+            rows.append(f"{i % 7},{pix},{usage}")
+    d = tmp_path / "data" / "fer2013"
+    d.mkdir(parents=True)
+    (d / "fer2013.csv").write_text("\n".join(rows) + "\n")
+    return d.parent
+
+
+def test_release_writes_model_card_and_calibrated_half_checkpoint(tmp_path, fer_dir, capsys):
+    src = make_checkpoint(tmp_path / "best.safetensors", width=0.25)
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps({"recommended": {"crop_margin": 0.15, "crop_offset_y": -0.1},
+                               "command": "python -m trainers.calibrate"}))
+    out = tmp_path / "assets" / "default.safetensors"
+    out.parent.mkdir()
+    assert main([str(src), "--out", str(out), "--name", "tiny test model", "--calibration", str(cal),
+                 "--data-dir", str(fer_dir), "--repeat", "3"]) == 0
+    shipped, original = ck.load(out), ck.load(src)
+    assert shipped.info.name == "tiny test model"
+    assert shipped.spec.crop_margin == 0.15 and shipped.spec.crop_offset_y == -0.1
+    assert shipped.spec.size == original.spec.size
+    # fp16 storage: the same predictions within fp16 rounding
+    x = torch.randn(4, 1, 48, 48)
+    with torch.no_grad():
+        diff = (shipped.model(x)["logits"].softmax(1) - original.model(x)["logits"].softmax(1)).abs().max()
+    assert diff < 1e-2
+    ev = json.loads((out.parent / "default.eval.json").read_text())
+    assert ev["n"] == 21 and ev["split"] == "publictest"
+    assert shipped.info.metrics["fer2013_publictest_accuracy"] == ev["accuracy"]
+    card = (out.parent / "default.md").read_text()
+    assert card.startswith("# tiny test model")
+    assert f"**{ev['accuracy']:.2f} %**" in card
+    assert "pytest fixture" in card  # the training command recorded in the checkpoint
+    assert (out.parent / "default.confusion.png").stat().st_size > 1000
+
+
+def test_release_bad_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    assert main([str(bad), "--out", str(tmp_path / "o.safetensors"), "--name", "x"]) == 2
+    assert capsys.readouterr().err.startswith("release: error:")
