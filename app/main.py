@@ -90,12 +90,12 @@ def _screenshot_controller_class():
             if packet.processed >= self.frames:
                 self.trigger(f"{packet.processed} frames", 250)
 
-        @Slot(str)
-        def _on_end(self, _message: str) -> None:
+        @Slot(str, int)
+        def _on_end(self, _message: str, _request: int) -> None:
             self.trigger("end of the source", 400)
 
-        @Slot(object, str)
-        def _on_failed(self, _spec, _message: str) -> None:
+        @Slot(object, str, int)
+        def _on_failed(self, _spec, _message: str, _request: int) -> None:
             self.trigger("the source failed", 400)
 
         @Slot()
@@ -125,7 +125,8 @@ def _screenshot_controller_class():
                       file=sys.stderr)
             else:
                 print(f"fer-desktop: could not write {self.path}", file=sys.stderr)
-            w.close()
+            # leave the loop only; main() closes the window after exec() returns (closing the last window
+            # inside the loop would also post a Quit event that outlives this loop)
             QApplication.instance().exit(0 if self.saved else 1)
 
     return ScreenshotController
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         tick.stop()
         signal.signal(signal.SIGINT, old_handler)
         window.shutdown()
+        window.hide()
     if controller is not None and not controller.saved:
         return 1
     return int(rc)

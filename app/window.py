@@ -114,6 +114,7 @@ class MainWindow(QMainWindow):
         self._model_request_interactive = False
         self._backend_request = 0
         self._pending_source: SourceSpec | None = None
+        self._source_request = 0  # id of the latest open_source; older sources' signals are dropped
         self._closed = False
         self._last_model_error = ""
 
@@ -509,7 +510,8 @@ class MainWindow(QMainWindow):
             self.stack.setCurrentWidget(self.no_source)
         if self.act_pause.isChecked():
             self.act_pause.setChecked(False)
-        self.worker.open_source(spec)
+        self._source_request += 1
+        self.worker.open_source(spec, self._source_request)
         self.statusBar().showMessage(f"Opening {spec.label}…", 3000)
 
     def open_video(self, path: str | Path) -> None:
@@ -576,6 +578,8 @@ class MainWindow(QMainWindow):
             self.worker.set_paused(self.act_pause.isChecked())  # re-anchors the playback clock
 
     def _on_source_opened(self, info: SourceInfo) -> None:
+        if info.request != self._source_request:
+            return
         self.source_info = info
         self.state.reset()
         self._shown_serial = -1
@@ -588,7 +592,9 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Opened {detail}", 5000)
         self._update_title()
 
-    def _on_source_failed(self, spec: SourceSpec | None, message: str) -> None:
+    def _on_source_failed(self, spec: SourceSpec | None, message: str, request: int = 0) -> None:
+        if request != self._source_request:
+            return
         label = spec.label if spec is not None else "the source"
         cams = self.cameras or []
         if spec is not None and spec.kind == "camera":
@@ -609,7 +615,9 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"{title}: {message}", 10000)
         self._update_title()
 
-    def _on_end_of_stream(self, message: str) -> None:
+    def _on_end_of_stream(self, message: str, request: int = 0) -> None:
+        if request != self._source_request:
+            return
         self.ended = True
         n = self.last_packet.processed if self.last_packet is not None else 0
         name = self.source_info.name if self.source_info else "source"
@@ -675,8 +683,8 @@ class MainWindow(QMainWindow):
     # ================================================================== frames
     def _on_frame(self, packet: FramePacket) -> None:
         try:
-            if self._closed:
-                return
+            if self._closed or packet.request != self._source_request:
+                return  # closing, or a frame of a source that has been replaced
             self._show_packet(packet)
         finally:
             self.worker.ack()

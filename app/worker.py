@@ -87,7 +87,7 @@ class SourceInfo:
     name: str
     fps: float | None
     frame_count: int | None
-    size: tuple[int, int]  # w, h of the first frame (0, 0 until known)
+    request: int = 0  # the open_source request
 
 
 @dataclass
@@ -117,6 +117,7 @@ class FramePacket:
     results: list[FrameResult]  # every result since the last packet, oldest first, ending with ``result``
     timeline: list[float]  # the timeline position (s) of each of ``results``
     source_serial: int  # changes whenever a new source is opened
+    request: int  # the open_source request this frame's source answers
     source_name: str
     has_model: bool
     capture_fps: float
@@ -171,9 +172,11 @@ class CaptureWorker(QObject):
     ``QThread.started`` to :meth:`run`; :meth:`stop` ends the loop, which closes everything it opened."""
 
     frameReady = Signal(object)  # FramePacket
+    # the int in source signals (and FramePacket.request) is the id given to open_source: the GUI drops
+    # what a source it has already replaced still had in flight
     sourceOpened = Signal(object)  # SourceInfo
-    sourceFailed = Signal(object, str)  # SourceSpec | None, message
-    endOfStream = Signal(str)  # message
+    sourceFailed = Signal(object, str, int)  # SourceSpec | None, message, request
+    endOfStream = Signal(str, int)  # message, request
     modelChanged = Signal(object)  # ModelBundle | None
     backendChanged = Signal(object)  # the Backend now in use
     recordingStarted = Signal(str)  # path
@@ -219,9 +222,12 @@ class CaptureWorker(QObject):
         self.source = None
         self.source_spec: SourceSpec | None = None
         self._source_serial = 0
+        self.request = 0
         self._ended = False
         self._writer = None
         self._carried: list[FrameResult] = []
+        self._latest: tuple[np.ndarray, FrameResult] | None = None  # processed, not yet sent (GUI busy)
+        self._end_message: str | None = None  # endOfStream to emit once the last frame has been sent
         self._carried_t: list[float] = []
         self._fps = RateMeter(1.0)
         self._processed = 0
@@ -234,8 +240,9 @@ class CaptureWorker(QObject):
         self._commands.put((name, args))
         self._wake.set()
 
-    def open_source(self, spec: SourceSpec) -> None:
-        self._post("open", spec)
+    def open_source(self, spec: SourceSpec, request: int = 0) -> None:
+        """Close the current source and open ``spec``; ``request`` tags everything this source emits."""
+        self._post("open", spec, int(request))
 
     def close_source(self) -> None:
         self._post("close_source")
@@ -280,8 +287,9 @@ class CaptureWorker(QObject):
         self._post("stop_record")
 
     def ack(self) -> None:
-        """The GUI has taken the last packet; the next processed frame may be sent."""
+        """The GUI has taken the last packet; the next (or a held-back) frame may be sent."""
         self._gui_busy.clear()
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -301,6 +309,10 @@ class CaptureWorker(QObject):
                 self._drain()
                 if self._stop.is_set():
                     break
+                self._flush()
+                if self._end_message is not None and self._latest is None:
+                    message, self._end_message = self._end_message, None
+                    self.endOfStream.emit(message, self.request)
                 if self.source is None or self.paused or self._ended:
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -383,20 +395,21 @@ class CaptureWorker(QObject):
         if self.pipeline is not None:
             self.pipeline.smoothing = opts["smoothing"]
 
-    def _cmd_open(self, spec: SourceSpec) -> None:
+    def _cmd_open(self, spec: SourceSpec, request: int = 0) -> None:
         self._finish_recording("the source changed")
         self._close_source()
         self.source_spec = spec
+        self.request = request
         try:
             src = self._source_factory(spec.value)
         except SourceError as exc:
-            self.sourceFailed.emit(spec, str(exc))
+            self.sourceFailed.emit(spec, str(exc), request)
             return
         except Exception as exc:  # noqa: BLE001 - e.g. permission errors
-            self.sourceFailed.emit(spec, f"{spec.label}: {type(exc).__name__}: {exc}")
+            self.sourceFailed.emit(spec, f"{spec.label}: {type(exc).__name__}: {exc}", request)
             return
         self._begin_source(src)
-        self.sourceOpened.emit(SourceInfo(spec, src.name, src.fps, src.frame_count, (0, 0)))
+        self.sourceOpened.emit(SourceInfo(spec, src.name, src.fps, src.frame_count, request))
 
     def _begin_source(self, src) -> None:
         self.source = src
@@ -407,6 +420,8 @@ class CaptureWorker(QObject):
         self._dropped = 0
         self._carried.clear()
         self._carried_t.clear()
+        self._latest = None
+        self._end_message = None
         self._fps.reset()
         self._reset_tracks()
 
@@ -435,7 +450,7 @@ class CaptureWorker(QObject):
         try:
             src = self._source_factory(spec.value)
         except Exception as exc:  # noqa: BLE001
-            self.sourceFailed.emit(spec, str(exc))
+            self.sourceFailed.emit(spec, str(exc), self.request)
             return False
         serial = self._source_serial
         self._begin_source(src)
@@ -534,17 +549,18 @@ class CaptureWorker(QObject):
                 if self._reopen():
                     return
             self._ended = True
-            self.endOfStream.emit(str(exc))
+            self._end_message = str(exc)  # emitted after the last frame has reached the GUI
             return
         except SourceError as exc:
             self._finish_recording("the source failed")
             self._close_source()
-            self.sourceFailed.emit(self.source_spec, str(exc))
+            self.sourceFailed.emit(self.source_spec, str(exc), self.request)
             return
         except Exception as exc:  # noqa: BLE001
             self._finish_recording("the source failed")
             self._close_source()
-            self.sourceFailed.emit(self.source_spec, f"{getattr(src, 'name', 'source')}: {type(exc).__name__}: {exc}")
+            self.sourceFailed.emit(self.source_spec, f"{getattr(src, 'name', 'source')}: {type(exc).__name__}: {exc}",
+                                   self.request)
             return
 
         kind = self.source_spec.kind if self.source_spec else "video"
@@ -589,6 +605,7 @@ class CaptureWorker(QObject):
                 self._wake.clear()
                 if self._stop.is_set():
                     return False
+                self._flush()  # the GUI may have acknowledged: show what it missed while waiting
                 if not self._commands.empty():
                     pending = list(self._commands.queue)
                     if any(name in ("open", "close_source", "restart") for name, _ in pending):
@@ -626,13 +643,22 @@ class CaptureWorker(QObject):
         if len(self._carried) > MAX_CARRIED_RESULTS:
             del self._carried[0]
             del self._carried_t[0]
-        if self._gui_busy.is_set():
-            self._dropped += 1
+        if self._latest is not None:
+            self._dropped += 1  # the held-back frame is replaced by a newer one before it could be shown
+        self._latest = (image, result)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send the newest processed frame (with the results of any frames skipped since the last packet)
+        when the GUI has acknowledged the previous one; otherwise keep it for later."""
+        if self._latest is None or self._gui_busy.is_set():
             return
+        image, result = self._latest
+        self._latest = None
         display, size = self._prescale(image)
         packet = FramePacket(
             image=image, display=display, display_size=size, result=result,
-            results=self._carried, timeline=self._carried_t, source_serial=self._source_serial,
+            results=self._carried, timeline=self._carried_t, source_serial=self._source_serial, request=self.request,
             source_name=getattr(self.source, "name", ""), has_model=self.pipeline is not None,
             capture_fps=self._fps.rate(), processed=self._processed, dropped=self._dropped,
             frame_count=getattr(self.source, "frame_count", None),

@@ -85,7 +85,15 @@ def make_window(qtbot):
 
 def wait_frames(qtbot, win: MainWindow, n: int = 3, timeout: int = WAIT_MS) -> None:
     start = win.frames_shown
-    qtbot.waitUntil(lambda: win.frames_shown >= start + n, timeout=timeout)
+    try:
+        qtbot.waitUntil(lambda: win.frames_shown >= start + n, timeout=timeout)
+    except Exception:
+        w = win.worker
+        raise AssertionError(
+            f"{n} frames not shown: shown {win.frames_shown} (from {start}), worker running {w.running}, "
+            f"source {w.source}, processed {w._processed}, gui busy {w._gui_busy.is_set()}, ended {win.ended}, "
+            f"requests {win._source_request}/{w.request}, page {win.stack.currentWidget()}, "
+            f"no-source title {win.no_source.title.text()!r}") from None
 
 
 # ----------------------------------------------------------------------------------- pure state
