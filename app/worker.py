@@ -233,6 +233,7 @@ class CaptureWorker(QObject):
         self._processed = 0
         self._dropped = 0
         self._clock_base: float | None = None  # monotonic time of timeline position 0 (pacing)
+        self._last_error_t = -1e9
         self.running = False
 
     # ============================================================ GUI-thread API (non-blocking)
@@ -571,7 +572,11 @@ class CaptureWorker(QObject):
             self._apply_options()
         if kind == "folder":
             self._reset_tracks()  # unrelated stills: no tracking or smoothing across them
-        result = self._process(frame)
+        try:
+            result = self._process(frame)
+        except Exception as exc:  # noqa: BLE001 - one bad frame must not end the session
+            self._report_processing_error(exc)
+            return
         if self._writer is not None:
             try:
                 self._writer.write(result)
@@ -623,6 +628,14 @@ class CaptureWorker(QObject):
                         return False
                     self._clock_base = time.monotonic() - timeline
                     return True
+
+    def _report_processing_error(self, exc: Exception) -> None:
+        """Log every failure, tell the GUI at most every 5 s (a broken model fails on every frame)."""
+        log.exception("processing a frame failed")
+        now = time.monotonic()
+        if now - self._last_error_t >= 5.0:
+            self._last_error_t = now
+            self.errorOccurred.emit(f"A frame could not be processed: {type(exc).__name__}: {exc}")
 
     def _process(self, frame) -> FrameResult:
         if self.pipeline is not None:

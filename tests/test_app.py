@@ -505,3 +505,18 @@ def test_pyside_refcount_bug_is_compensated(qapp):
     if found["None"] or found["True"]:
         for obj in (None, True, False):
             assert sys.getrefcount(obj) > SPARE_REFERENCES // 2
+
+
+def test_a_failing_model_reports_and_keeps_running(qtbot, make_window, long_video, fastcnn_checkpoint):
+    win = make_window(source=SourceSpec("video", str(long_video)), checkpoint=str(fastcnn_checkpoint), loop=True)
+    qtbot.waitUntil(lambda: win.bundle is not None, timeout=WAIT_MS)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated backend failure")
+
+    win.worker.pipeline.process = broken  # every frame now fails inside the pipeline
+    qtbot.waitUntil(lambda: "simulated backend failure" in win.source_bar.text, timeout=WAIT_MS)
+    qtbot.wait(300)
+    assert win.thread.isRunning() and win.worker.running  # the loop survived
+    del win.worker.pipeline.process  # the real method again
+    wait_frames(qtbot, win, 3)
