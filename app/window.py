@@ -624,8 +624,12 @@ class MainWindow(QMainWindow):
         self.video.overlay_text = "End of video" if self.source_spec and self.source_spec.kind == "video" \
             else "End of images"
         self.video.update()
+        if self.source_spec is not None and self.source_spec.kind == "folder":
+            what = f"End of the images in <b>{_esc(name)}</b> ({n} image{'s' if n != 1 else ''})"
+        else:
+            what = f"End of <b>{_esc(name)}</b> ({n} frame{'s' if n != 1 else ''})"
         self.source_bar.show_message(
-            f"<b>End of {_esc(name)}</b> ({n} frames). Replay it, loop it, or open another source.", "info",
+            f"{what}. Replay it, loop it, or open another source.", "info",
             [("Replay", self.restart), ("Loop", lambda: self.act_loop.setChecked(True)),
              ("Open video…", self.choose_video)])
         self.statusBar().showMessage(f"End of {name}", 5000)

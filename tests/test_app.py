@@ -178,7 +178,7 @@ def test_synthetic_video_plays_to_the_end_and_says_so(qtbot, make_window, synthe
     win = make_window(source=SourceSpec("video", str(synthetic_video)), checkpoint=str(fastcnn_checkpoint))
     qtbot.waitUntil(lambda: win.ended, timeout=WAIT_MS)
     assert win.last_packet.processed == 12  # every frame of the file, in order
-    assert "End of" in win.source_bar.text and "12 frames" in win.source_bar.text
+    assert "End of <b>synthetic.avi</b> (12 frames)" in win.source_bar.text
     assert win.video.overlay_text == "End of video"
     assert win.stack.currentWidget() is win.video  # the last frame stays on screen
     assert [b.text() for b in win.source_bar.buttons][:2] == ["Replay", "Loop"]
@@ -476,7 +476,7 @@ def test_image_folder_and_drop_dispatch(qtbot, make_window, tmp_path, fastcnn_ch
     win.open_path(folder)  # what a drop of the folder does
     qtbot.waitUntil(lambda: win.ended, timeout=WAIT_MS)
     assert win.source_spec == SourceSpec("folder", str(folder)) and win.last_packet.processed == 3
-    assert win.video.overlay_text == "End of images"
+    assert win.video.overlay_text == "End of images" and "(3 images)" in win.source_bar.text
     win.open_path(fastcnn_checkpoint)  # a dropped checkpoint is loaded
     qtbot.waitUntil(lambda: win.bundle is not None, timeout=WAIT_MS)
     assert win.bundle.path == Path(fastcnn_checkpoint)
