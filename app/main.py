@@ -134,8 +134,24 @@ def _screenshot_controller_class():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(levelname)s %(name)s: %(message)s")
+    # log to stderr while the app runs; undone on return, so an in-process call (tests) leaves no handler
+    # bound to a stream that may be closed later
+    root = logging.getLogger()
+    old_level, handler = root.level, None
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(getattr(logging, str(args.log_level).upper(), logging.WARNING))
+    try:
+        return _run(args)
+    finally:
+        root.setLevel(old_level)
+        if handler is not None:
+            root.removeHandler(handler)
+
+
+def _run(args: argparse.Namespace) -> int:
 
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
