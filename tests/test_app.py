@@ -520,3 +520,24 @@ def test_a_failing_model_reports_and_keeps_running(qtbot, make_window, long_vide
     assert win.thread.isRunning() and win.worker.running  # the loop survived
     del win.worker.pipeline.process  # the real method again
     wait_frames(qtbot, win, 3)
+
+
+def test_a_shipped_default_model_is_used_and_listed(qtbot, make_window, monkeypatch, tmp_path, long_video,
+                                                     fastcnn_checkpoint):
+    """When assets/models/default.safetensors exists the app starts with it, and the Model menu lists it."""
+    import shutil
+
+    from ferengine.assets import assets_dir
+
+    assets = tmp_path / "assets"
+    (assets / "models").mkdir(parents=True)
+    (assets / "mediapipe").symlink_to(assets_dir() / "mediapipe", target_is_directory=True)
+    shutil.copy(fastcnn_checkpoint, assets / "models" / "default.safetensors")
+    monkeypatch.setenv("FER_DESKTOP_ASSETS", str(assets))
+    win = make_window(source=SourceSpec("video", str(long_video)), loop=True)
+    qtbot.waitUntil(lambda: win.bundle is not None, timeout=WAIT_MS)
+    assert win.bundle.path == assets / "models" / "default.safetensors"
+    assert not win.model_bar.isVisibleTo(win)
+    win._fill_model_menu()
+    shipped = [a for a in win.model_menu.actions() if a.text() == "default"]
+    assert len(shipped) == 1 and shipped[0].isChecked()
