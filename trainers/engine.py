@@ -1684,22 +1684,45 @@ def evaluate_checkpoint(cfg: TrainConfig, path: str | os.PathLike, dataset: Any 
 # ================================================================================================= main
 
 
-def _setup_logging(out: Path | None) -> logging.Handler | None:
-    """Console logging (once) and, with ``out``, a ``train.log`` file handler (returned, to be removed)."""
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (not the one at creation, which pytest's
+    capture or a caller may since have closed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _setup_logging(out: Path | None) -> Callable[[], None]:
+    """Console logging at INFO and, with ``out``, a ``train.log`` file handler.
+
+    Returns a function that undoes both (handlers removed, the root level restored), so that a trainer
+    run in-process (tests, notebooks) leaves the caller's logging as it found it.
+    """
     root = logging.getLogger()
+    previous_level = root.level
+    added: list[logging.Handler] = []
     if not any(getattr(h, "_fer_engine", False) for h in root.handlers):
-        h = logging.StreamHandler()
+        h = _CurrentStderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         h._fer_engine = True  # type: ignore[attr-defined]
+        added.append(h)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(out / "train.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        added.append(fh)
+    for h in added:
         root.addHandler(h)
-        root.setLevel(logging.INFO)
-    if out is None:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(out / "train.log")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(fh)
-    return fh
+    root.setLevel(logging.INFO)
+
+    def restore() -> None:
+        for h in added:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(previous_level)
+
+    return restore
 
 
 def main(method_cls: type[Method], argv: Sequence[str] | None = None, *,
@@ -1713,10 +1736,10 @@ def main(method_cls: type[Method], argv: Sequence[str] | None = None, *,
     args = parser.parse_args(argv)
     cfg = config_from_args(args, method_cls.name)
     command = [Path(sys.executable).name, "-m", f"trainers.{method_cls.name}", *argv]
-    handler = None
+    restore_logging = None
     try:
         if cfg.eval_only:
-            _setup_logging(None)
+            restore_logging = _setup_logging(None)
             res = evaluate_checkpoint(cfg, cfg.eval_only, None if datasets is None else datasets[1])
             print(res["report"])
             print(f"wrote {res['eval_json']}")
@@ -1726,7 +1749,7 @@ def main(method_cls: type[Method], argv: Sequence[str] | None = None, *,
             saved = json.loads((out / "args.json").read_text())
             cfg = merge_resume_config(cfg, saved.get("config", {}), parser)
             cfg.resume = True
-        handler = _setup_logging(out)
+        restore_logging = _setup_logging(out)
         trainer = Trainer(cfg, method_cls, datasets=datasets, argv=command)
         trainer.fit()
         best = trainer.out / BEST_FILE
@@ -1739,6 +1762,5 @@ def main(method_cls: type[Method], argv: Sequence[str] | None = None, *,
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+        if restore_logging is not None:
+            restore_logging()
