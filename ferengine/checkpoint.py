@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fileio import atomic_write
 from .models import UnknownModelError, create_model
 from .preprocess import InputSpec
 
@@ -120,21 +120,6 @@ class LoadedModel:
 # ------------------------------------------------------------------------------------------- save
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(path: str | os.PathLike, model: nn.Module, info: CheckpointInfo, *, half: bool = False) -> Path:
     """Write ``model``'s weights and ``info`` atomically (temp file + rename).
 
@@ -150,11 +135,11 @@ def save(path: str | os.PathLike, model: nn.Module, info: CheckpointInfo, *, hal
         state[k] = v.contiguous().clone()  # clone: safetensors refuses shared storage
     meta = info.to_dict()
     if path.suffix in (".pt", ".pth"):
-        _atomic_write(path, lambda tmp: torch.save({META_KEY: meta, "state_dict": state}, tmp))
+        atomic_write(path, lambda tmp: torch.save({META_KEY: meta, "state_dict": state}, tmp))
     else:
         from safetensors.torch import save_file
 
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={META_KEY: json.dumps(meta)}))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={META_KEY: json.dumps(meta)}))
     return path
 
 

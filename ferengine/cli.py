@@ -189,26 +189,6 @@ def cmd_export(args) -> int:
 # --------------------------------------------------------------------------------------------- eval
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temp file in the same folder + rename."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def match_labels(model_labels: Sequence[str], data_labels: Sequence[str]) -> tuple[list[int], list[int], list[str]]:
     """Match classes by canonical name: ``(model columns, dataset indices, names)`` of the shared classes,
     in the dataset's class order. Raises :class:`CLIError` when no class is shared."""
@@ -344,7 +324,9 @@ def cmd_eval(args) -> int:
         "checkpoint_classes_not_in_dataset": only_model,
     }
     if args.json:
-        _write_json_atomic(Path(args.json), result)
+        from .fileio import atomic_write_json
+
+        atomic_write_json(Path(args.json), result)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.confusion_png:
         save_confusion_png(np.asarray(report["confusion_matrix"]), names, args.confusion_png,

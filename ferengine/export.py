@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from .backends.base import BackendUnavailable, cuda_reason, output_names
+from .fileio import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import LoadedModel
@@ -149,7 +149,7 @@ def export_onnx(
         entry.key, entry.value = key, value
     proto.doc_string = f"fer-desktop {info.name or info.arch}: input (batch,{c},{s},{s}) -> {', '.join(names)}"
     data = proto.SerializeToString()
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     log.info("exported %s to %s (%s exporter, opset %s, %.1f MB)", info.arch, path, how,
              _opset_of(proto), len(data) / 1e6)
     return path
@@ -295,22 +295,6 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "model"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; exports and cache entries are not secret
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # -------------------------------------------------------------------------------------- tensorrt
 
 
@@ -380,5 +364,5 @@ def build_tensorrt_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
-    _write_atomic(engine_path, bytes(serialized))
+    atomic_write_bytes(engine_path, bytes(serialized))
     return engine_path

@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -54,6 +53,7 @@ import cv2
 import numpy as np
 
 from ferengine.preprocess import InputSpec, crop_faces, eye_angle
+from ferengine.fileio import atomic_write_bytes
 
 log = logging.getLogger("trainers.calibrate")
 
@@ -284,7 +284,7 @@ def contact_sheet(rows: Sequence[tuple[str, np.ndarray]], path: Path, zoom: int 
             sheet[y:y + size, x:x + size] = tile
         y += size + gap
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, cv2.imencode(".png", sheet)[1].tobytes())
+    atomic_write_bytes(path, cv2.imencode(".png", sheet)[1].tobytes())
     return path
 
 
@@ -391,21 +391,6 @@ def apply_calibration(path: str | os.PathLike, calibration: dict[str, Any]) -> d
 
 
 # -------------------------------------------------------------------------------------------- run
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _default_media(data_dir: Path) -> Path | None:
@@ -539,7 +524,7 @@ def calibrate(data: str, data_dir: str | Path | None, split: str = "train", n: i
         if rows:
             contact_sheet(rows, out / "crops.png")
             result["crops_png"] = str(out / "crops.png")
-        _atomic_write_bytes(out / "calibration.json", (json.dumps(result, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "calibration.json", (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 

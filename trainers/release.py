@@ -23,12 +23,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from ferengine.fileio import atomic_write_text
 
 
 def _cpu_name() -> str:
@@ -105,17 +106,9 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
     result = {"checkpoint": str(out), "size_bytes": out.stat().st_size, "params": n_params, "metrics": metrics,
               "latency_ms_per_face_batch1": latency, "eval_json": str(eval_json), "confusion_png": str(cm_png)}
     card = card_dir / f"{stem}.md"
-    _atomic_write_text(card, model_card(shipped, result))
+    atomic_write_text(card, model_card(shipped, result))
     result["card"] = str(card)
     return result
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def model_card(loaded, r: dict[str, Any]) -> str:
@@ -167,7 +160,7 @@ def model_card(loaded, r: dict[str, Any]) -> str:
         f"fer eval --checkpoint {r['checkpoint']} --data {m['data']} --split {m['split']}",
         "```",
         "",
-        f"| data | n | accuracy | mean class accuracy | macro-F1 |",
+        "| data | n | accuracy | mean class accuracy | macro-F1 |",
         "|---|---|---|---|---|",
         f"| {m['data']} {m['split']} | {m['n']} | **{m['accuracy']:.2f} %** | {m['mean_class_accuracy']:.2f} % | "
         f"{m['macro_f1']:.2f} % |",
