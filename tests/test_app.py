@@ -477,8 +477,8 @@ def test_image_folder_and_drop_dispatch(qtbot, make_window, tmp_path, fastcnn_ch
     qtbot.waitUntil(lambda: win.ended, timeout=WAIT_MS)
     assert win.source_spec == SourceSpec("folder", str(folder)) and win.last_packet.processed == 3
     assert win.video.overlay_text == "End of images" and "(3 images)" in win.source_bar.text
-    win.open_path(fastcnn_checkpoint)  # a dropped checkpoint is loaded
-    qtbot.waitUntil(lambda: win.bundle is not None, timeout=WAIT_MS)
+    win.open_path(fastcnn_checkpoint)  # a dropped checkpoint is loaded (replacing the default model)
+    qtbot.waitUntil(lambda: win.bundle is not None and win.bundle.path == Path(fastcnn_checkpoint), timeout=WAIT_MS)
     assert win.bundle.path == Path(fastcnn_checkpoint)
     assert str(Path(fastcnn_checkpoint).resolve()) in win.settings.recent_checkpoints()
 
