@@ -142,10 +142,11 @@ def run(video: Path, checkpoint: str | None, repeat: int, backends: list[str] | 
 
 
 def format_table(rows: list[dict]) -> str:
-    out = [f"| {'stage':<34} | {'metric':<28} | {'value':>9} | note", f"|{'-' * 36}|{'-' * 30}|{'-' * 11}|------"]
+    w = max(34, *(len(r["stage"]) for r in rows))
+    out = [f"| {'stage':<{w}} | {'metric':<28} | {'value':>9} | note", f"|{'-' * (w + 2)}|{'-' * 30}|{'-' * 11}|------"]
     for r in rows:
         v = "n/a" if r["value"] is None else f"{r['value']:9.2f}"
-        out.append(f"| {r['stage']:<34} | {r['metric']:<28} | {v:>9} | {r['note']}")
+        out.append(f"| {r['stage']:<{w}} | {r['metric']:<28} | {v:>9} | {r['note']}")
     return "\n".join(out)
 
 
