@@ -167,3 +167,26 @@ def test_on_disk_loader_path_matches_in_memory(tmp_path, monkeypatch):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     with open(tmp_path / "disk" / "metrics.csv", newline="") as fh:
         assert float(next(csv.DictReader(fh))["data_alone_ips"]) > 0
+
+
+def test_init_starts_from_a_checkpoint(fer_dir, tmp_path, capsys):
+    first = tmp_path / "first"
+    common = ["--data", "fer2013", "--data-dir", str(fer_dir), "--no-tensorboard", "--bench-batches", "2",
+              "--batch-size", "32"]
+    assert main(Baseline, [*common, "--arch-kwargs", '{"width": 0.25}', "--epochs", "2", "--out", str(first)]) == 0
+    trained = ck.load(first / "best.safetensors")
+    # lr 0: the weights stay those of --init, so the evaluation equals the source checkpoint's
+    second = tmp_path / "second"
+    assert main(Baseline, [*common, "--init", str(first / "best.safetensors"), "--epochs", "1", "--lr", "0",
+                           "--weight-decay", "0", "--out", str(second)]) == 0
+    again = ck.load(second / "last.safetensors")
+    assert again.info.arch_kwargs == trained.info.arch_kwargs
+    for (k, a), b in zip(trained.model.state_dict().items(), again.model.state_dict().values()):
+        if a.is_floating_point() and "running" not in k:  # BN running stats still move in train mode
+            assert torch.equal(a, b), k
+    # a checkpoint of other classes is refused with a clear message
+    other = tmp_path / "other.safetensors"
+    ck.save(other, trained.model, ck.CheckpointInfo(arch="fastcnn", arch_kwargs=trained.info.arch_kwargs,
+                                                    labels=list("abcdefg"), input=trained.spec))
+    assert main(Baseline, [*common, "--init", str(other), "--epochs", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "its classes" in capsys.readouterr().err

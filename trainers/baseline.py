@@ -97,6 +97,9 @@ class Baseline(Method):
                             help="auto: the vote distribution when the dataset has one, else the labels")
         parser.add_argument("--va-weight", type=float, default=1.0,
                             help="weight of the valence/arousal MSE (datasets with AV labels)")
+        parser.add_argument("--init", metavar="CKPT", default=None,
+                            help="start from this checkpoint's weights (fine-tuning or a warm restart); its "
+                                 "architecture and arguments replace --arch/--arch-kwargs")
 
     def build_model(self, data: DataInfo) -> nn.Module:
         x = self.cfg.extra
@@ -105,10 +108,13 @@ class Baseline(Method):
             kwargs["av_head"] = True
         kwargs.update(x.get("arch_kwargs") or {})
         self.arch = x.get("arch", "fastcnn")
-        try:
-            model = create_model(self.arch, **kwargs)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TrainError(f"cannot build --arch {self.arch} with {kwargs}: {exc}") from None
+        if x.get("init"):
+            model, self.arch, kwargs = _init_from(x["init"], data)
+        else:
+            try:
+                model = create_model(self.arch, **kwargs)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TrainError(f"cannot build --arch {self.arch} with {kwargs}: {exc}") from None
         self.arch_kwargs = kwargs
         targets = x.get("targets", "auto")
         if targets == "soft" and not data.has_soft:
@@ -131,6 +137,22 @@ class Baseline(Method):
             loss = loss + float(self.cfg.extra.get("va_weight", 1.0)) * mse
         logs["loss"] = loss
         return logs
+
+
+def _init_from(path: str, data: DataInfo) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The model of checkpoint ``path`` (train mode), checked against the dataset's classes."""
+    from ferengine import checkpoint as ck
+
+    try:
+        loaded = ck.load(path)
+    except ck.CheckpointError as exc:
+        raise TrainError(f"--init: {exc}") from None
+    info = loaded.info
+    if "expression" in info.heads and list(info.labels) != list(data.label_names):
+        raise TrainError(f"--init {path}: its classes {info.labels} are not {data.name}'s {list(data.label_names)}")
+    if info.input.channels != data.channels:
+        raise TrainError(f"--init {path}: a {info.input.channels}-channel model for {data.channels}-channel data")
+    return loaded.model.train(), info.arch, dict(info.arch_kwargs)
 
 
 if __name__ == "__main__":
