@@ -28,7 +28,6 @@ settings, chosen to be safe rather than tuned):
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from torch import nn
 
 from ferengine.models import create_model, list_models
 
-from .engine import Batch, DataInfo, Method, TrainError, main
+from .engine import Batch, DataInfo, Method, TrainError, json_object, main
 
 __all__ = ["Baseline", "classification_loss", "va_loss"]
 
@@ -67,16 +66,6 @@ def va_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (diff ** 2).sum() / ok.sum().clamp_min(1)
 
 
-def _json_dict(text: str) -> dict[str, Any]:
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--arch-kwargs must be a JSON object: {exc}") from None
-    if not isinstance(d, dict):
-        raise argparse.ArgumentTypeError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 0.5}'")
-    return d
-
-
 class Baseline(Method):
     """Plain cross-entropy training of any registered backbone (fastcnn, resnet18, ...)."""
 
@@ -90,7 +79,7 @@ class Baseline(Method):
     @classmethod
     def add_args(cls, parser: argparse._ActionsContainer) -> None:
         parser.add_argument("--arch", default="fastcnn", help=f"registered architecture: {', '.join(list_models())}")
-        parser.add_argument("--arch-kwargs", type=_json_dict, default={}, metavar="JSON",
+        parser.add_argument("--arch-kwargs", type=json_object, default={}, metavar="JSON",
                             help="constructor arguments, e.g. '{\"width\": 0.5}' (num_classes, in_chans and "
                                  "av_head are set from the data unless given)")
         parser.add_argument("--targets", choices=("auto", "hard", "soft"), default="auto",

@@ -73,7 +73,7 @@ from ferengine.models import create_model
 from ferengine.models.daf import daf_cnn
 from ferengine.preprocess import InputSpec
 
-from .engine import Batch, DataInfo, Method, TrainError
+from .engine import Batch, DataInfo, Method, TrainError, json_object
 from .engine import main as engine_main
 from .losses.tc import TripletCentreLoss
 
@@ -87,16 +87,6 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "fer2013": dict(batch_size=128, margin=11.0, lam=0.007),
     "sfew": dict(batch_size=32, margin=13.0, lam=0.013, out="runs/daf_sfew"),
 }
-
-
-def _json_dict(text: str) -> dict[str, Any]:
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--arch-kwargs must be a JSON object: {exc}") from None
-    if not isinstance(d, dict):
-        raise argparse.ArgumentTypeError("--arch-kwargs must be a JSON object, e.g. '{\"head_pool\": \"avg\"}'")
-    return d
 
 
 class DAF(Method):
@@ -149,7 +139,7 @@ class DAF(Method):
         parser.add_argument("--embedding-dim", type=int, default=None, help="size of FC_1, the TC embedding (512)")
         parser.add_argument("--width", type=float, default=None, help="multiplier of the channel widths 64..512 (1)")
         parser.add_argument("--dropout", type=float, default=0.5, help="dropout before each of the two FC layers")
-        parser.add_argument("--arch-kwargs", type=_json_dict, default={}, metavar="JSON",
+        parser.add_argument("--arch-kwargs", type=json_object, default={}, metavar="JSON",
                             help="further daf_cnn arguments: head_pool (flatten|avg), embedding_relu, "
                                  "attention_mlp_act (relu|none), reduction, spatial_kernel")
 

@@ -209,6 +209,17 @@ RESUME_FREE = {"epochs", "workers", "device", "out", "resume", "eval_only", "log
                "bench_batches", "eval_batch_size"}
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type for a JSON object flag such as ``--arch-kwargs '{"width": 0.5}'``."""
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object: {exc}") from None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"width\": 0.5}'")
+    return d
+
+
 def _kv(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
