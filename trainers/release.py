@@ -111,13 +111,34 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
     return result
 
 
+def _command_history(training: dict[str, Any], depth: int = 0) -> list[str]:
+    """The commands behind a checkpoint: those of its ``--init`` checkpoint first (followed while the file
+    is still there), then its own command and resumes."""
+    import shlex
+
+    from ferengine.checkpoint import CheckpointError, read_info
+
+    own = [training.get("command", "?")] + list(training.get("resumed_with") or [])
+    try:
+        argv = shlex.split(own[0])
+    except ValueError:
+        return own
+    if "--init" in argv[:-1] and depth < 5:
+        try:
+            parent = read_info(argv[argv.index("--init") + 1])
+        except (CheckpointError, OSError):
+            return own
+        return _command_history(parent.training, depth + 1) + own
+    return own
+
+
 def model_card(loaded, r: dict[str, Any]) -> str:
     info = loaded.info
     t = info.training
     m = r["metrics"]
     labels = m["labels"]
     cm = m["confusion_matrix"]
-    commands = [t.get("command", "?")] + list(t.get("resumed_with") or [])
+    commands = _command_history(t)
     cm_rows = ["| true \\ predicted | " + " | ".join(labels) + " | recall |",
                "|---" * (len(labels) + 2) + "|"]
     for lab, row in zip(labels, cm):
@@ -146,7 +167,8 @@ def model_card(loaded, r: dict[str, Any]) -> str:
         f"`{t.get('data', {}).get('val_split')}` (best epoch by accuracy: epoch {t.get('epoch')} of {t.get('epochs')}). "
         "PrivateTest was never used.",
         "",
-        "Exact commands (the first started the run, the others resumed it):",
+        "Exact commands, in order (a run started from an earlier one's checkpoint with --init lists that run first; "
+        "--resume continues a killed run):",
         "",
         "```bash",
         *commands,
