@@ -1,6 +1,7 @@
 """Shared fixtures: a random-init checkpoint, a synthetic video, the offline test media."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import cv2
@@ -83,3 +84,25 @@ def media_dir() -> Path:
     if not MEDIA_DIR.is_dir():
         pytest.skip(f"offline test media not found at {MEDIA_DIR}")
     return MEDIA_DIR
+
+
+def write_fer2013(folder: Path, n_train: int = 160, n_val: int = 48, n_private: int = 0, seed: int = 0) -> Path:
+    """fer2013.csv (emotion,pixels,Usage) in Kaggle's format whose classes 0..3 are easy synthetic patterns."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:48, 0:48].astype(np.float64)
+    rows = []
+    for usage, n in (("Training", n_train), ("PublicTest", n_val), ("PrivateTest", n_private)):
+        for _ in range(n):
+            c = int(rng.integers(0, 4))
+            ph, f = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5)
+            p = [np.sin(f * yy + ph), np.sin(f * xx + ph), np.sign(np.sin(f * xx + ph) * np.sin(f * yy + ph)),
+                 2 * np.exp(-((xx - 24) ** 2 + (yy - 24) ** 2) / 60.0) - 1][c]
+            img = np.clip(128 + 60 * p + rng.normal(0, 20, (48, 48)), 0, 255).astype(np.uint8)
+            rows.append((c, " ".join(map(str, img.reshape(-1))), usage))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fer2013.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["emotion", "pixels", "Usage"])
+        w.writerows(rows)
+    return path

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import write_fer2013
 from ferengine import checkpoint as ck
 from ferengine.labels import LABEL_SETS
 from ferengine.models import create_model
@@ -128,28 +129,6 @@ def test_model_options():
 # --------------------------------------------------------------------------------------- fixtures
 
 
-def write_fer2013(folder: Path, n_train: int = 96, n_val: int = 48, seed: int = 0) -> Path:
-    """fer2013.csv (emotion,pixels,Usage) whose classes 0..3 are easy synthetic patterns."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:48, 0:48].astype(np.float64)
-    rows = []
-    for usage, n in (("Training", n_train), ("PublicTest", n_val), ("PrivateTest", 16)):
-        for _ in range(n):
-            c = int(rng.integers(0, 4))
-            ph, f = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5)
-            p = [np.sin(f * yy + ph), np.sin(f * xx + ph), np.sign(np.sin(f * xx + ph) * np.sin(f * yy + ph)),
-                 2 * np.exp(-((xx - 24) ** 2 + (yy - 24) ** 2) / 60.0) - 1][c]
-            img = np.clip(128 + 60 * p + rng.normal(0, 20, (48, 48)), 0, 255).astype(np.uint8)
-            rows.append((c, " ".join(map(str, img.reshape(-1))), usage))
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "fer2013.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["emotion", "pixels", "Usage"])
-        w.writerows(rows)
-    return path
-
-
 def write_sfew(folder: Path, per_class: int = 2, seed: int = 1) -> Path:
     """SFEW 2.0 layout: Train/<Emotion>/*.png and Val/<Emotion>/*.png (RGB faces)."""
     rng = np.random.default_rng(seed)
@@ -166,7 +145,7 @@ def write_sfew(folder: Path, per_class: int = 2, seed: int = 1) -> Path:
 @pytest.fixture
 def fer_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FER_DESKTOP_CACHE", str(tmp_path / "cache"))
-    write_fer2013(tmp_path / "data")
+    write_fer2013(tmp_path / "data", n_train=96, n_private=16)
     return tmp_path / "data"
 
 
@@ -174,7 +153,7 @@ def fer_dir(tmp_path, monkeypatch):
 def trained(tmp_path_factory):
     """One epoch of ``python -m trainers.daf --data fer2013`` at a tiny size (shared by several tests)."""
     tmp = tmp_path_factory.mktemp("daf")
-    data = write_fer2013(tmp / "data").parent
+    data = write_fer2013(tmp / "data", n_train=96, n_private=16).parent
     out = tmp / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FER_DESKTOP_CACHE", str(tmp / "cache"))
