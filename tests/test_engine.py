@@ -3,6 +3,7 @@ method hooks (two views, EMA encoder + queue, two optimisers, own-rule parameter
 training, block features, plateau with reload-best), and a tiny run that learns."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from pathlib import Path
@@ -443,3 +444,38 @@ def test_feature_queue_and_momentum_encoder():
     ema.update(lin)
     assert torch.allclose(ema.module.weight, 0.75 * old + 0.25 * lin.weight)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+# --------------------------------------------------------------------------------------- time budget
+
+
+def test_duration_argument():
+    from trainers.engine import duration
+
+    assert duration("600") == 600 and duration("90s") == 90 and duration("45m") == 2700
+    assert duration("1.5h") == 5400 and duration(" 2H ") == 7200
+    for bad in ("soon", "10d", "-5", "m", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            duration(bad)
+
+
+def test_time_budget_shortens_the_run_and_ends_the_cosine(tmp_path, monkeypatch):
+    """Each epoch takes 10 s on a fake clock; a 35 s budget fits 3 of the 10 epochs asked, and the cosine is
+    re-timed so that the last step of epoch 3 reaches the floor."""
+    from trainers import engine
+
+    now = [0.0]
+    monkeypatch.setattr(engine, "_clock", lambda: now[0])
+
+    class TenSeconds:
+        def on_epoch_end(self, trainer, epoch, row):
+            now[0] += 10.0
+
+    cfg = tiny_cfg(tmp_path / "run", epochs=10, time_budget=35.0, min_lr=0.0)
+    tr = Trainer(cfg, Baseline, datasets=(patterns(64, 0), patterns(32, 1)), callbacks=[TenSeconds()])
+    tr.fit()
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert tr.cfg.epochs == 3
+    assert tr.optimizers["main"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    assert float(rows[2]["lr"]) < 0.05 * 0.5, "epoch 3 starts late in a re-timed 3-epoch cosine (10 epochs: ~0.95 lr)"

@@ -148,6 +148,7 @@ class TrainConfig:
     workers: int = 4                            # DataLoader workers for on-disk datasets
     # optimisation
     epochs: int = 30
+    time_budget: float = 0.0                    # seconds of training loop; >0: fit the epoch count to it
     batch_size: int = 128
     eval_batch_size: int = 0                    # 0: 2 x batch_size
     optimizer: str = "sgd"                      # sgd | adam | adamw
@@ -220,6 +221,25 @@ def json_object(text: str) -> dict[str, Any]:
     return d
 
 
+_clock = time.monotonic  # --time-budget's clock (a test replaces it)
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def duration(text: str) -> float:
+    """argparse type for a wall-clock duration: ``600``, ``90s``, ``45m``, ``1.5h`` -> seconds."""
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
+    unit = t[len(t.rstrip("abcdefghijklmnopqrstuvwxyz")):]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a duration such as 600, 90s, 45m or 2h, got {text!r}") from None
+    if value < 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"a duration must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _kv(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -267,6 +287,10 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | 
                    help="DataLoader workers (on-disk datasets; in-memory ones need none)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=c.epochs)
+    g.add_argument("--time-budget", type=duration, default=c.time_budget, metavar="TIME",
+                   help="wall-clock budget for this invocation's epochs (e.g. 600, 45m, 2h): after each epoch "
+                        "the run is shortened to the epochs that fit (never beyond --epochs), and a cosine "
+                        "schedule is re-timed to end there; 0: off")
     g.add_argument("--batch-size", type=int, default=c.batch_size)
     g.add_argument("--eval-batch-size", type=int, default=c.eval_batch_size, help="0: 2 x batch size")
     g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=c.optimizer)
@@ -1382,7 +1406,11 @@ class Trainer:
                      "in memory" if self.data.in_memory else f"{cfg.workers} workers", cfg.batch_size,
                      self.method.views, self.device)
         row: dict[str, Any] = {}
-        for epoch in range(self.epoch + 1, cfg.epochs + 1):
+        requested, started, durations = cfg.epochs, _clock(), []
+        epoch = self.epoch
+        while epoch < cfg.epochs:
+            epoch += 1
+            t_epoch = _clock()
             lrs = {n: self.lr(n) for n in self.optimizers}
             train = self.train_one_epoch(epoch)
             metrics = self.evaluate()
@@ -1406,10 +1434,42 @@ class Trainer:
             for cb in self.callbacks:
                 if hasattr(cb, "on_epoch_end"):
                     cb.on_epoch_end(self, epoch, row)
+            if cfg.time_budget > 0:
+                durations.append(_clock() - t_epoch)
+                self._fit_to_budget(epoch, requested, _clock() - started, durations)
             self._save_state()
         if self.writer is not None:
             self.writer.close()
         return row
+
+    def _fit_to_budget(self, epoch: int, requested: int, elapsed: float, durations: list[float]) -> None:
+        """--time-budget: set cfg.epochs to the epochs that fit (at most ``requested``), judged by the mean
+        of the last three epochs (the first one, with its warm-up, counts only until there are more)."""
+        recent = durations[-3:] if len(durations) < 2 else durations[1:][-3:]
+        per_epoch = sum(recent) / len(recent)
+        fit = epoch + int(max(0.0, self.cfg.time_budget - elapsed) // per_epoch)
+        target = max(epoch, min(requested, fit))
+        if target == self.cfg.epochs:
+            return
+        log.warning("time budget %.0f s: %.1f s per epoch, %.0f s used; the run now ends after epoch %d (of %d asked)",
+                    self.cfg.time_budget, per_epoch, elapsed, target, requested)
+        self.cfg.epochs = target
+        self._retime_cosine(target * len(self.train_batches))
+
+    def _retime_cosine(self, total: int, only: str | None = None) -> None:
+        """Make every warm-up/cosine schedule (or only the one named) end at step ``total``, and set the
+        optimiser's current lr to the re-timed curve."""
+        for n, sch in self.schedules.items():
+            fns = [f for f in getattr(sch.scheduler, "lr_lambdas", []) if isinstance(f, _WarmupCosine)]
+            if not fns or (only is not None and n != only):
+                continue
+            for f in fns:
+                f.total = max(total, 1)
+            lam = sch.scheduler
+            opt = self.optimizers[sch.optimizer]
+            for g, base, fn in zip(opt.param_groups, lam.base_lrs, lam.lr_lambdas):
+                g["lr"] = base * fn(lam.last_epoch)
+            lam._last_lr = [g["lr"] for g in opt.param_groups]
 
     # ---------------------------------------------------------------- best / schedules
     def _best_mode(self) -> str:
@@ -1590,13 +1650,7 @@ class Trainer:
             sch.scheduler.load_state_dict(s["schedulers"][n])
             if any(f.total != total for f, total in fresh):  # resumed with another --epochs: re-time the cosine
                 log.info("cosine schedule now ends at step %d (was %d)", fresh[0][1], fresh[0][0].total)
-                for f, total in fresh:
-                    f.total = total
-                lam = sch.scheduler
-                opt = self.optimizers[sch.optimizer]
-                for g, base, fn in zip(opt.param_groups, lam.base_lrs, lam.lr_lambdas):
-                    g["lr"] = base * fn(lam.last_epoch)
-                lam._last_lr = [g["lr"] for g in opt.param_groups]
+                self._retime_cosine(fresh[0][1], only=n)
         self.scaler.load_state_dict(s["scaler"])
         for n, o in self.extra_state.items():
             o.load_state_dict(s["extra"][n])
