@@ -177,6 +177,8 @@ def test_paper_defaults_per_dataset():
     assert (c.plateau_patience, c.plateau_threshold, c.plateau_factor, c.reload_best) == (13, 0.05, 0.2, True)
     assert (c.batch_size, c.extra["margin"], c.extra["lam"], c.extra["stage"]) == (128, 11.0, 0.007, "tc")
     assert c.extra["centre_init_std"] == 0.01 and c.label_smoothing == 0.0 and c.best_metric == "accuracy"
+    # TC is averaged over the batch by default (eq. 9's sum stalls training: see trainers/daf.py)
+    assert c.extra["tc_reduction"] == "mean" and _cfg(["--tc-reduction", "sum"]).extra["tc_reduction"] == "sum"
     s = _cfg(["--data", "sfew"])
     assert (s.batch_size, s.extra["margin"], s.extra["lam"]) == (32, 13.0, 0.013)
     assert (s.optimizer, s.lr, s.plateau_patience) == ("adam", 1e-3, 13)
@@ -274,6 +276,7 @@ def test_centres_move_and_are_restored_on_resume(fer_dir, tmp_path):
     cfg = config_from_args(build_parser(DAF).parse_args(
         ["--out", str(b), "--resume", "--epochs", "2", *base]), "daf")
     tr = Trainer(cfg, DAF, argv=["pytest"])
+    assert tr.method.tc.reduction == "mean"
     assert torch.equal(tr.method.tc.centres.cpu(), saved)
     # an lr drop's "reload the best model" brings back the best epoch's centres with its weights
     best = torch.load(b / "best_state.pt", weights_only=True)

@@ -1451,8 +1451,11 @@ class Trainer:
         target = max(epoch, min(requested, fit))
         if target == self.cfg.epochs:
             return
-        log.warning("time budget %.0f s: %.1f s per epoch, %.0f s used; the run now ends after epoch %d (of %d asked)",
-                    self.cfg.time_budget, per_epoch, elapsed, target, requested)
+        first = not getattr(self, "_budget_logged", False)
+        self._budget_logged = True
+        log.log(logging.WARNING if first else logging.INFO,
+                "time budget %.0f s: %.1f s per epoch, %.0f s used; the run now ends after epoch %d (of %d asked)",
+                self.cfg.time_budget, per_epoch, elapsed, target, requested)
         self.cfg.epochs = target
         self._retime_cosine(target * len(self.train_batches))
 

@@ -6,8 +6,9 @@ For embedding ``e_i`` with label ``p``, class centres ``c_1..c_K``:
 - eqs. 6-7: ``D(e, c) = 1/2 ||e - c||^2``;
 - the nearest negative centre ``q_i = argmin_{j != p} D(e_i, c_j)``;
 - eq. 10: ``L_i = max(D(e_i, c_p) + m - D(e_i, c_q), 0)``;
-- eq. 9: ``L_tc = sum_i L_i`` over the batch (a sum, not a mean: ``reduction="sum"``, the default; the
-  paper's lambda = 0.007 for batch 128 is set against that sum; ``"mean"`` is there as an option);
+- eq. 9: ``L_tc = sum_i L_i`` over the batch (``reduction="sum"``, this function's default, the letter of
+  the paper). ``trainers.daf`` uses ``"mean"``: with the paper's lambda = 0.007 the sum outweighs the
+  batch-mean cross-entropy ~100:1 and stalls training (measured; see the notes in ``trainers/daf.py``);
 - eq. 11: ``dL/de_i = (c_q - c_p) * [L_i > 0]`` -- exactly what autograd gives with the centres held
   constant (they are a buffer, not a parameter), see :func:`feature_gradient`;
 - eq. 12, the centre rule, applied outside the optimiser::
@@ -93,7 +94,8 @@ def triplet_centre_loss(emb: torch.Tensor, labels: torch.Tensor, centres: torch.
 
 def feature_gradient(centres: torch.Tensor, labels: torch.Tensor, nearest_negative: torch.Tensor,
                      active: torch.Tensor) -> torch.Tensor:
-    """Eq. 11: ``dL_tc/de_i = (c_q - c_p) * [L_i > 0]`` (for ``reduction="sum"``), ``(M, d)``."""
+    """Eq. 11: ``dL_tc/de_i = (c_q - c_p) * [L_i > 0]`` (for ``reduction="sum"``; divide by M for "mean"),
+    ``(M, d)``."""
     c = centres.float()
     return (c[nearest_negative] - c[labels]) * active.float().unsqueeze(1)
 
