@@ -180,6 +180,8 @@ def test_tiny_run_beats_chance(trained):
     assert (out / "tb").is_dir() and any((out / "tb").iterdir())
     args = json.loads((out / "args.json").read_text())
     assert args["config"]["epochs"] == 3 and args["resolved"]["input"]["size"] == 48
+    hw = ck.read_info(out / "best.safetensors").training["hardware"]
+    assert hw["device"] == "cpu" and hw["torch"] == torch.__version__ and hw["cpus"] >= 1
 
 
 def test_checkpoint_loads_and_matches_model(trained):

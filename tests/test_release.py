@@ -1,6 +1,7 @@
 """`python -m trainers.release`: the shipped file, its evaluation and its model card."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -34,8 +35,15 @@ def test_release_writes_model_card_and_calibrated_half_checkpoint(tmp_path, fer_
                                "command": "python -m trainers.calibrate"}))
     out = tmp_path / "assets" / "default.safetensors"
     out.parent.mkdir()
+    # a checkpoint from the engine records its hardware; the card shows it, and --notes
+    loaded = ck.load(src)
+    hw = {"device": "cuda:0", "name": "NVIDIA H100 80GB HBM3", "cpus": 16, "torch": "2.11.0+cu130", "amp": "bfloat16"}
+    ck.save(src, loaded.model, dataclasses.replace(
+        loaded.info, training=dict(loaded.info.training) | {"hardware": hw}))
+    notes = tmp_path / "notes.md"
+    notes.write_text("Trained with `--time-budget 380`.\n")
     assert main([str(src), "--out", str(out), "--name", "tiny test model", "--calibration", str(cal),
-                 "--data-dir", str(fer_dir), "--repeat", "3"]) == 0
+                 "--data-dir", str(fer_dir), "--repeat", "3", "--notes", str(notes)]) == 0
     shipped, original = ck.load(out), ck.load(src)
     assert shipped.info.name == "tiny test model"
     assert shipped.spec.crop_margin == 0.15 and shipped.spec.crop_offset_y == -0.1
@@ -52,6 +60,9 @@ def test_release_writes_model_card_and_calibrated_half_checkpoint(tmp_path, fer_
     assert card.startswith("# tiny test model")
     assert f"**{ev['accuracy']:.2f} %**" in card
     assert "pytest fixture" in card  # the training command recorded in the checkpoint
+    assert "Trained on: NVIDIA H100 80GB HBM3 (`cuda:0`, 16 CPUs), PyTorch 2.11.0+cu130, mixed precision bfloat16" in card
+    assert "## Notes\n\nTrained with `--time-budget 380`." in card
+    assert shipped.info.training["release_notes"] == "Trained with `--time-budget 380`."
     assert (out.parent / "default.confusion.png").stat().st_size > 1000
 
 

@@ -90,6 +90,7 @@ import json
 import logging
 import math
 import os
+import platform
 import random
 import shlex
 import subprocess
@@ -1586,6 +1587,13 @@ class Trainer:
         # rows logged after the state we resume from (killed between the csv and state.pt) are dropped
         self.history = [r for r in rows if r.get("epoch") and int(r["epoch"]) <= self.epoch]
 
+    def hardware(self) -> dict[str, Any]:
+        """Where this run computes: device (and GPU name), precision, torch version (for model cards)."""
+        d = self.device
+        name = torch.cuda.get_device_name(d) if d.type == "cuda" else (platform.processor() or platform.machine())
+        return {"device": str(d), "name": name, "cpus": os.cpu_count(), "torch": torch.__version__,
+                "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None}
+
     def checkpoint_info(self, metrics: dict[str, Any], epoch: int) -> ckpt.CheckpointInfo:
         split = self.data.val_split or "val"
         m = {f"{split}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float, list, dict))}
@@ -1601,7 +1609,7 @@ class Trainer:
             "split_sizes": {self.data.train_split: self.data.train_size, **(
                 {self.data.val_split: self.data.val_size} if self.data.val_split else {})},
             "epochs": self.cfg.epochs, "epoch": epoch, "seed": self.cfg.seed, "git_commit": _git_commit(),
-            "config": self.cfg.to_dict(),
+            "hardware": self.hardware(), "config": self.cfg.to_dict(),
         }
         return ckpt.CheckpointInfo(
             arch=self.method.arch, arch_kwargs=dict(self.method.arch_kwargs), labels=list(self.data.label_names),

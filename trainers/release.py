@@ -1,7 +1,7 @@
 """`python -m trainers.release`: turn a trained checkpoint into a shipped model with its model card.
 
     python -m trainers.release runs/x/best.safetensors --out assets/models/default.safetensors \\
-        --name "fastcnn-w1.25 FER2013" --calibration runs/crop-calibration/calibration.json \\
+        --name "fastcnn-w1.5 FER2013" --calibration runs/crop-calibration/calibration.json [--notes notes.md] \\
         --data fer2013 --data-dir ../shared/data --split publictest
 
 Steps, each on the file that ships (so the card describes exactly that file):
@@ -54,7 +54,7 @@ def _latency_ms(run, x: np.ndarray, repeat: int) -> float:
 
 
 def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | None, data: str,
-            data_dir: str | None, split: str, repeat: int) -> dict[str, Any]:
+            data_dir: str | None, split: str, repeat: int, notes: Path | None = None) -> dict[str, Any]:
     from ferengine import checkpoint as ck
     from ferengine.backends import create_backend
     from ferengine.cli import main as fer_main
@@ -72,6 +72,8 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
             "crop_margin": spec.crop_margin, "crop_offset_y": spec.crop_offset_y,
             "previous": {"crop_margin": info.input.crop_margin, "crop_offset_y": info.input.crop_offset_y}}
     training["released_from"] = str(src)
+    if notes is not None:
+        training["release_notes"] = Path(notes).read_text(encoding="utf-8").strip()
     info = dataclasses.replace(info, name=name, input=spec, training=training)
     ck.save(out, loaded.model, info, half=half)
 
@@ -175,7 +177,10 @@ def model_card(loaded, r: dict[str, Any]) -> str:
         "```",
         "",
         f"Code: git commit `{t.get('git_commit')}`; seed {t.get('seed')}.",
+        *([f"Trained on: {hw.get('name')} (`{hw.get('device')}`, {hw.get('cpus')} CPUs), PyTorch {hw.get('torch')}, "
+           f"mixed precision {hw.get('amp') or 'off'}."] if (hw := t.get("hardware")) else []),
         "",
+        *(["## Notes", "", t["release_notes"], ""] if t.get("release_notes") else []),
         "## Evaluation (the shipped file, through ONNX Runtime)",
         "",
         "```bash",
@@ -231,12 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--split", default="publictest")
     p.add_argument("--repeat", type=int, default=300, help="timed runs for the latency figures")
+    p.add_argument("--notes", type=Path, help="markdown file added to the card under 'Notes' (and kept in the "
+                                              "checkpoint's metadata): where and how it was trained, caveats")
     args = p.parse_args(argv)
     from ferengine.checkpoint import CheckpointError
 
     try:
         r = release(args.checkpoint, args.out, name=args.name, half=args.half, calibration=args.calibration,
-                    data=args.data, data_dir=args.data_dir, split=args.split, repeat=args.repeat)
+                    data=args.data, data_dir=args.data_dir, split=args.split, repeat=args.repeat, notes=args.notes)
     except (CheckpointError, FileNotFoundError, KeyError) as exc:
         print(f"release: error: {exc}", file=sys.stderr)
         return 2
