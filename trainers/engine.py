@@ -208,7 +208,7 @@ class TrainConfig:
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # fields a resumed run may change without breaking exact continuation
 RESUME_FREE = {"epochs", "workers", "device", "out", "resume", "eval_only", "log_every", "tensorboard",
-               "bench_batches", "eval_batch_size"}
+               "bench_batches", "eval_batch_size", "time_budget"}
 
 
 def json_object(text: str) -> dict[str, Any]:
