@@ -71,7 +71,7 @@ def _peak_rss_mb() -> float:
 def run(video: Path, checkpoint: str | None, repeat: int, backends: list[str] | None) -> list[dict]:
     from .backends import available_backends, create_backend
     from .checkpoint import default_checkpoint_path, load
-    from .faces import DETECTOR_MODELS, FaceDetector
+    from .faces import DETECTOR_MODELS, DetectorUnavailable, FaceDetector
     from .pipeline import Pipeline
     from .preprocess import to_model_input
 
@@ -81,8 +81,16 @@ def run(video: Path, checkpoint: str | None, repeat: int, backends: list[str] | 
         raise SystemExit(f"bench: {video} gave no frames")
 
     # 1. detector
+    no_detector = None
     for model in DETECTOR_MODELS:
-        with FaceDetector(model=model) as det:
+        try:
+            det = FaceDetector(model=model)
+        except DetectorUnavailable as exc:
+            note = "as above" if no_detector else str(exc)
+            no_detector = str(exc)
+            rows.append({"stage": f"detector {model}", "metric": "-", "value": None, "note": note})
+            continue
+        with det:
             found = [len(det.detect(f)) for f in frames[:50]]
             times = []
             for _ in range(max(1, repeat // len(frames) + 1)):
@@ -113,6 +121,10 @@ def run(video: Path, checkpoint: str | None, repeat: int, backends: list[str] | 
                      "value": 16000.0 / t16, "note": ""})
 
     # 3. whole pipeline
+    if no_detector is not None:
+        rows.append({"stage": "pipeline", "metric": "-", "value": None, "note": "no face detector (see above)"})
+        rows.append({"stage": "process", "metric": "peak RSS MB", "value": _peak_rss_mb(), "note": ""})
+        return rows
     with Pipeline(loaded) as pipe:
         backend_name = pipe.backend.name
         for f in frames[:10]:

@@ -416,11 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="fer: %(message)s")
     from .backends import BackendUnavailable
     from .checkpoint import CheckpointError
+    from .faces import DetectorUnavailable
     from .sources import SourceError
 
     try:
         return args.func(args)
-    except (CLIError, CheckpointError, SourceError, BackendUnavailable, FileNotFoundError) as exc:
+    except (CLIError, CheckpointError, SourceError, BackendUnavailable, DetectorUnavailable, FileNotFoundError) as exc:
         print(f"fer: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .assets import asset_path
 
-__all__ = ["DETECTOR_MODELS", "KEYPOINT_NAMES", "Face", "FaceDetector", "IoUTracker", "iou"]
+__all__ = ["DETECTOR_MODELS", "KEYPOINT_NAMES", "DetectorUnavailable", "Face", "FaceDetector", "IoUTracker", "iou"]
 
 DETECTOR_MODELS = {
     "short": "face_detection_short_range.tflite",
@@ -62,6 +62,10 @@ def _close_task(holder: list) -> None:
         holder[0] = None
         with _quiet_native_logs():
             task.close()
+
+
+class DetectorUnavailable(RuntimeError):
+    """The face detector cannot run here (MediaPipe missing); the message says what to install."""
 
 
 class FaceDetector:
@@ -152,7 +156,13 @@ class FaceDetector:
 
     # -- MediaPipe -----------------------------------------------------------------------------------
     def _create_task(self, threshold: float):
-        from mediapipe.tasks.python import BaseOptions, vision
+        try:
+            from mediapipe.tasks.python import BaseOptions, vision
+        except ImportError as exc:
+            raise DetectorUnavailable(
+                f"MediaPipe is not installed here ({exc}), so faces cannot be found: pip install 'mediapipe>=1.2' "
+                "(fer-desktop's own dependencies include it). Face crops that are already cut out still work "
+                "with fer eval and the trainers.") from exc
 
         options = vision.FaceDetectorOptions(
             base_options=BaseOptions(model_asset_path=str(self.model_path)),

@@ -396,3 +396,47 @@ def test_matches_raw_mediapipe_on_rgb(detectors, astronaut, model):
     assert face.score == pytest.approx(det.categories[0].score, abs=1e-6)
     expected = np.array([(k.x * 512, k.y * 512) for k in det.keypoints], np.float32)
     np.testing.assert_allclose(face.keypoints, expected, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------ no MediaPipe
+
+
+@pytest.fixture
+def no_mediapipe(monkeypatch):
+    """Makes ``import mediapipe`` fail, as on a machine where it is not installed."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "mediapipe" or m.startswith("mediapipe.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "mediapipe", None)
+
+
+def test_missing_mediapipe_is_a_clear_error(no_mediapipe):
+    from ferengine.faces import DetectorUnavailable
+
+    with pytest.raises(DetectorUnavailable, match=r"pip install 'mediapipe>=1\.2'"):
+        FaceDetector()
+
+
+def test_fer_predict_without_mediapipe_is_one_line(no_mediapipe, fastcnn_checkpoint, tmp_path, capsys):
+    from ferengine.cli import main
+
+    img = tmp_path / "face.png"
+    cv2.imwrite(str(img), np.full((64, 64, 3), 128, np.uint8))
+    assert main(["predict", str(img), "--checkpoint", str(fastcnn_checkpoint)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fer: error: MediaPipe is not installed"), err
+
+
+def test_bench_without_mediapipe_times_the_backends(no_mediapipe, fastcnn_checkpoint, synthetic_video):
+    from ferengine.bench import format_table, run
+
+    rows = run(synthetic_video, str(fastcnn_checkpoint), 2, ["torch"])
+    by_stage = {(r["stage"], r["metric"]): r for r in rows}
+    assert by_stage[("detector short", "-")]["value"] is None
+    assert "MediaPipe is not installed" in by_stage[("detector short", "-")]["note"]
+    assert by_stage[("detector full", "-")]["note"] == "as above"
+    assert by_stage[("pipeline", "-")]["value"] is None
+    assert by_stage[("backend torch (cpu)", "ms/face batch 1")]["value"] > 0
+    assert by_stage[("backend torch (cpu)", "faces/s batch 16")]["value"] > 0
+    assert "n/a" in format_table(rows)
