@@ -72,7 +72,6 @@ def run(video: Path, checkpoint: str | None, repeat: int, backends: list[str] | 
     from .backends import available_backends, create_backend
     from .checkpoint import default_checkpoint_path, load
     from .faces import DETECTOR_MODELS, DetectorUnavailable, FaceDetector
-    from .pipeline import Pipeline
     from .preprocess import to_model_input
 
     rows: list[dict] = []
@@ -123,8 +122,18 @@ def run(video: Path, checkpoint: str | None, repeat: int, backends: list[str] | 
     # 3. whole pipeline
     if no_detector is not None:
         rows.append({"stage": "pipeline", "metric": "-", "value": None, "note": "no face detector (see above)"})
-        rows.append({"stage": "process", "metric": "peak RSS MB", "value": _peak_rss_mb(), "note": ""})
-        return rows
+    else:
+        rows += _pipeline_rows(loaded, frames, video)
+    rows.append({"stage": "process", "metric": "peak RSS MB", "value": _peak_rss_mb(), "note": ""})
+    return rows
+
+
+def _pipeline_rows(loaded, frames: list[np.ndarray], video: Path) -> list[dict]:
+    """Whole-pipeline throughput on decoded frames, then with decoding."""
+    from .pipeline import Pipeline
+    from .sources import open_source
+
+    rows: list[dict] = []
     with Pipeline(loaded) as pipe:
         backend_name = pipe.backend.name
         for f in frames[:10]:
@@ -137,8 +146,6 @@ def run(video: Path, checkpoint: str | None, repeat: int, backends: list[str] | 
         dt = time.perf_counter() - t0
         rows.append({"stage": f"pipeline ({backend_name})", "metric": "frames/s (decoded, 640x480)",
                      "value": len(frames) / dt, "note": f"{len(frames)} frames, {n_faces / len(frames):.2f} faces/frame"})
-        from .sources import open_source
-
         pipe.reset()
         t0 = time.perf_counter()
         n = 0
@@ -149,7 +156,6 @@ def run(video: Path, checkpoint: str | None, repeat: int, backends: list[str] | 
         dt = time.perf_counter() - t0
         rows.append({"stage": f"pipeline ({backend_name})", "metric": "frames/s (decode+pipeline)",
                      "value": n / dt, "note": f"{video.name}, {n} frames"})
-    rows.append({"stage": "process", "metric": "peak RSS MB", "value": _peak_rss_mb(), "note": ""})
     return rows
 
 

@@ -48,8 +48,8 @@ Departure from the letter of the paper (measured; ``--tc-reduction sum`` restore
   Taken literally with lambda = 0.007, m = 11 and batch 128, TC outweighs CE about 100 to 1 (its hinge
   starts at ~m per item: lambda * sum ~ 10 against CE ~ 1.9), and on FER2013 the full model stayed at
   chance for 12 epochs and reached only 46.75 % PublicTest after 40 (H100, `--tc-reduction sum`, Adam 1e-3,
-  no lr drop yet). With the batch *mean* (the default here, as centre-loss implementations usually
-  average), lambda * TC is a regulariser of ~0.08 next to CE, TC falls (12.1 -> 8.5 per item, active items
+  no lr drop yet). With the batch *mean* (the default here; centre-loss implementations such as
+  PaddlePaddle's ``center_loss`` average over the mini-batch too), lambda * TC is a regulariser of ~0.08 next to CE, TC falls (12.1 -> 8.5 per item, active items
   100 % -> 73 %) and the run tracks the CE-only ablation: PublicTest at epoch 22 was 61.7 % (mean),
   62.1 % (CE only) and 28.6 % (sum), same machine and settings otherwise.
 

@@ -230,10 +230,9 @@ _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 def duration(text: str) -> float:
     """argparse type for a wall-clock duration: ``600``, ``90s``, ``45m``, ``1.5h`` -> seconds."""
     t = text.strip().lower()
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
-    unit = t[len(t.rstrip("abcdefghijklmnopqrstuvwxyz")):]
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     try:
-        value = float(num) * _UNITS[unit]
+        value = float(num) * _UNITS[t[len(num):]]
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"expected a duration such as 600, 90s, 45m or 2h, got {text!r}") from None
     if value < 0 or not math.isfinite(value):
@@ -1446,15 +1445,14 @@ class Trainer:
     def _fit_to_budget(self, epoch: int, requested: int, elapsed: float, durations: list[float]) -> None:
         """--time-budget: set cfg.epochs to the epochs that fit (at most ``requested``), judged by the mean
         of the last three epochs (the first one, with its warm-up, counts only until there are more)."""
-        recent = durations[-3:] if len(durations) < 2 else durations[1:][-3:]
+        recent = (durations[1:] or durations)[-3:]
         per_epoch = sum(recent) / len(recent)
         fit = epoch + int(max(0.0, self.cfg.time_budget - elapsed) // per_epoch)
         target = max(epoch, min(requested, fit))
         if target == self.cfg.epochs:
             return
-        first = not getattr(self, "_budget_logged", False)
-        self._budget_logged = True
-        log.log(logging.WARNING if first else logging.INFO,
+        # a warning when the run is first cut short; later adjustments are routine
+        log.log(logging.WARNING if self.cfg.epochs == requested else logging.INFO,
                 "time budget %.0f s: %.1f s per epoch, %.0f s used; the run now ends after epoch %d (of %d asked)",
                 self.cfg.time_budget, per_epoch, elapsed, target, requested)
         self.cfg.epochs = target
