@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -481,3 +482,31 @@ def test_time_budget_shortens_the_run_and_ends_the_cosine(tmp_path, monkeypatch)
     assert tr.cfg.epochs == 3
     assert tr.optimizers["main"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
     assert float(rows[2]["lr"]) < 0.05 * 0.5, "epoch 3 starts late in a re-timed 3-epoch cosine (10 epochs: ~0.95 lr)"
+
+
+def test_long_epochs_log_their_progress_without_a_terminal(tmp_path, monkeypatch, caplog):
+    """Under nohup or a log file tqdm is silent; an epoch that runs past PROGRESS_EVERY_S logs where it is
+    (step, losses, speed, time left). The fake clock advances 25 s per step, 5 steps per epoch: the first line
+    comes when 60 s have passed, and none at the last step (the epoch's own line follows)."""
+    from trainers import engine
+
+    now = [0.0]
+    monkeypatch.setattr(engine, "_clock", lambda: now[0])
+
+    class Slow:
+        def on_step_end(self, trainer, epoch, step):
+            now[0] += 25.0
+
+    cfg = tiny_cfg(tmp_path / "run", epochs=1)
+    tr = Trainer(cfg, Baseline, datasets=(patterns(80, 0), patterns(16, 1)), callbacks=[Slow()])
+    with caplog.at_level(logging.INFO, logger="trainers.engine"):
+        tr.fit()
+    lines = [r.getMessage() for r in caplog.records if ": step " in r.getMessage()]
+    assert len(lines) == 1, lines  # the clock reads 75 s (>= 60) at step 4's check, 100 s at the last step's
+    assert lines[0].startswith("epoch 1/1: step 4/5 (80%), loss 1.") and ", ce 1." in lines[0] and "img/s, epoch ends in " in lines[0]
+
+
+def test_hms():
+    from trainers.engine import _hms
+
+    assert [_hms(x) for x in (0, 59.4, 75, 3599, 4000, float("nan"))] == ["0s", "59s", "1m15s", "59m59s", "1h06m", "?"]

@@ -223,6 +223,7 @@ def json_object(text: str) -> dict[str, Any]:
 
 
 _clock = time.monotonic  # --time-budget's clock (a test replaces it)
+PROGRESS_EVERY_S = 60.0  # without a terminal, a progress line at most this often during an epoch
 
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 
@@ -238,6 +239,16 @@ def duration(text: str) -> float:
     if value < 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"a duration must be a finite number >= 0, got {text!r}")
     return value
+
+
+def _hms(seconds: float) -> str:
+    """``75`` -> ``1m15s``, ``4000`` -> ``1h06m``; ``?`` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(max(seconds, 0.0)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -1336,7 +1347,10 @@ class Trainer:
         step_scheds = [s for s in self.schedules.values() if s.interval == "step"]
         t0 = time.perf_counter()
         it = iter(self.train_batches)
-        bar = tqdm(total=len(self.train_batches), desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, disable=None)
+        n_steps = len(self.train_batches)
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, disable=None)
+        # without a terminal (nohup, a log file) tqdm stays silent: say where the epoch is now and then instead
+        next_note = _clock() + PROGRESS_EVERY_S if bar.disable else float("inf")
         step = 0
         while True:
             td = time.perf_counter()
@@ -1371,6 +1385,9 @@ class Trainer:
                     for k, v in cur.items():
                         self.writer.add_scalar(f"train_step/{k}", v, self.global_step)
             bar.update(1)
+            if step < n_steps and _clock() >= next_note:
+                next_note = _clock() + PROGRESS_EVERY_S
+                self._note_progress(epoch, step, n_steps, n_img, time.perf_counter() - t0, sums)
             for cb in self.callbacks:
                 if hasattr(cb, "on_step_end"):
                     cb.on_step_end(self, epoch, step)
@@ -1382,6 +1399,16 @@ class Trainer:
         res.update(train_images=n_img, train_ips=n_img / dt if dt > 0 else float("nan"),
                    data_ips=n_img / t_data if t_data > 0 else float("nan"), epoch_time=dt)
         return res
+
+    def _note_progress(self, epoch: int, step: int, n_steps: int, n_img: int, elapsed: float,
+                       sums: dict[str, Any]) -> None:
+        """One log line on a long epoch's progress (used when there is no progress bar)."""
+        ips = n_img / elapsed if elapsed > 0 else float("nan")
+        left = elapsed / step * (n_steps - step) if step else float("nan")
+        keys = sorted(sums, key=lambda k: k != "loss")[:3]  # the total first, then the method's first terms
+        losses = ", ".join(f"{k} {float(sums[k]) / max(n_img, 1):.4f}" for k in keys)
+        log.info("epoch %d/%d: step %d/%d (%d%%), %s; %.1f img/s, epoch ends in %s", epoch, self.cfg.epochs,
+                 step, n_steps, 100 * step // max(n_steps, 1), losses or "no losses yet", ips, _hms(left))
 
     def evaluate(self) -> dict[str, Any]:
         if self.val_batches is None:
