@@ -118,6 +118,9 @@ def test_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     os.utime(data / "fer2013.csv", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert len(load_dataset("fer2013", data, "train")) == 4
     assert len(calls) == 1
+    # ... and the entry of its previous version is gone (it could never be hit again)
+    (entry,) = (tmp_path / "cache").glob("fer2013csv-*.npz")
+    assert entry != entries[0] and not entries[0].exists()
 
     # explicit cache_dir option
     load_dataset("fer2013", data, "train", cache_dir=tmp_path / "c2")
@@ -237,3 +240,25 @@ def test_real_fer2013_split_sizes():
     assert len(tr.info["blank"]) + len(pt.info["blank"]) == 12
     with pytest.raises(DatasetError, match="no PrivateTest rows"):
         load_dataset("fer2013", REAL, "privatetest", cache_dir=cache_dir)
+
+
+def test_cache_keeps_entries_of_other_files_and_params(tmp_path):
+    """Eviction is per slot (kind, source paths, params): two datasets, or one file read at two sizes,
+    keep their own entries; only a changed file's older version is removed."""
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"1")
+    b.write_bytes(b"2")
+    d = tmp_path / "c"
+    arr = {"x": np.zeros(2)}
+    keys = [data_cache.cache_key("k", [a]), data_cache.cache_key("k", [b]), data_cache.cache_key("k", [a], size=96)]
+    for k in keys:
+        data_cache.save(k, arr, d)
+    assert sorted(p.stem for p in d.glob("*.npz")) == sorted(keys)
+    st = a.stat()
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    new = data_cache.cache_key("k", [a])
+    assert new != keys[0] and new.rsplit("-", 1)[0] == keys[0].rsplit("-", 1)[0]  # same slot, new version
+    data_cache.save(new, arr, d)
+    assert sorted(p.stem for p in d.glob("*.npz")) == sorted([new, keys[1], keys[2]])
+    data_cache.save("hand-made", arr, d)  # a key not of the KIND-SLOT-VERSION form evicts nothing
+    assert len(list(d.glob("*.npz"))) == 4
