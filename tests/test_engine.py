@@ -503,7 +503,7 @@ def test_long_epochs_log_their_progress_without_a_terminal(tmp_path, monkeypatch
         tr.fit()
     lines = [r.getMessage() for r in caplog.records if ": step " in r.getMessage()]
     assert len(lines) == 1, lines  # the clock reads 75 s (>= 60) at step 4's check, 100 s at the last step's
-    assert lines[0].startswith("epoch 1/1: step 4/5 (80%), loss 1.") and ", ce 1." in lines[0] and "img/s, epoch ends in " in lines[0]
+    assert lines[0].startswith("epoch 1/1: step 4/5 (80%), loss 1.") and ", ce 1." in lines[0] and "img/s, training ends in " in lines[0]
 
 
 def test_hms():

@@ -1407,8 +1407,9 @@ class Trainer:
         left = elapsed / step * (n_steps - step) if step else float("nan")
         keys = sorted(sums, key=lambda k: k != "loss")[:3]  # the total first, then the method's first terms
         losses = ", ".join(f"{k} {float(sums[k]) / max(n_img, 1):.4f}" for k in keys)
-        log.info("epoch %d/%d: step %d/%d (%d%%), %s; %.1f img/s, epoch ends in %s", epoch, self.cfg.epochs,
-                 step, n_steps, 100 * step // max(n_steps, 1), losses or "no losses yet", ips, _hms(left))
+        log.info("epoch %d/%d: step %d/%d (%d%%), %s; %.1f img/s, training ends in %s (then evaluation)",
+                 epoch, self.cfg.epochs, step, n_steps, 100 * step // max(n_steps, 1), losses or "no losses yet",
+                 ips, _hms(left))
 
     def evaluate(self) -> dict[str, Any]:
         if self.val_batches is None:
