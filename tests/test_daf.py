@@ -260,6 +260,26 @@ def test_eval_only(trained, tmp_path, capsys, monkeypatch):
     assert res["split"] == "privatetest" and res["n"] == 16
 
 
+def test_eval_only_measures_what_the_training_run_measured(trained, tmp_path, capsys, monkeypatch):
+    """--eval-only on the selection split gives the run's own numbers for its best checkpoint, also where the
+    CPU trains in bf16 (evaluation stays fp32 on a CPU in both paths)."""
+    import trainers.engine as engine
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setenv("FER_DESKTOP_CACHE", str(trained["cache"]))
+    ev = tmp_path / "ev"
+    assert main(["--data", "fer2013", "--data-dir", str(trained["data"]), "--eval-only",
+                 str(trained["out"] / "best.safetensors"), "--out", str(ev)]) == 0
+    capsys.readouterr()
+    res = json.loads((ev / "eval.json").read_text())
+    with open(trained["out"] / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    best = max(rows, key=lambda r: float(r["val_accuracy"]))
+    assert res["split"] == "publictest"
+    assert res["accuracy"] == pytest.approx(float(best["val_accuracy"]), abs=1e-6)
+    assert res["loss"] == pytest.approx(float(best["val_loss"]), rel=1e-5)
+
+
 def test_centres_move_and_are_restored_on_resume(fer_dir, tmp_path):
     """2 epochs straight == 1 epoch + --resume to 2 (weights and centres), and the resumed trainer starts
     from the saved centres, not fresh ones."""
