@@ -28,18 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CheckpointError, UnknownModelError
 from .fileio import atomic_write
-from .models import UnknownModelError, create_model
+from .models import create_model
 from .preprocess import InputSpec
 
 FORMAT = "fer-desktop-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "fer_checkpoint"
 KNOWN_HEADS = ("expression", "valence_arousal")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be used; the message says which file and why."""
 
 
 @dataclass

@@ -186,153 +186,30 @@ def cmd_export(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------- eval
+# --------------------------------------------------------------------------------------------- plugins
+
+PLUGIN_GROUP = "fer.commands"  # entry points: a function(subparsers) adding subcommands (trainers: `fer eval`)
 
 
-def match_labels(model_labels: Sequence[str], data_labels: Sequence[str]) -> tuple[list[int], list[int], list[str]]:
-    """Match classes by canonical name: ``(model columns, dataset indices, names)`` of the shared classes,
-    in the dataset's class order. Raises :class:`CLIError` when no class is shared."""
-    from .labels import canonical
+def _plugin_commands(sub) -> set[str]:
+    """Subcommands other packages add (``fer eval`` comes from fer-desktop's trainers package, which
+    ferengine never imports itself). A plugin that fails to load is skipped with a warning."""
+    from importlib.metadata import entry_points
 
-    model_index = {canonical(n): i for i, n in enumerate(model_labels)}
-    cols, idx, names = [], [], []
-    for j, name in enumerate(data_labels):
-        i = model_index.get(canonical(name))
-        if i is not None:
-            cols.append(i)
-            idx.append(j)
-            names.append(canonical(name))
-    if not cols:
-        raise CLIError(
-            f"the checkpoint's classes {list(model_labels)} and the dataset's {list(data_labels)} have no class "
-            "in common; nothing to evaluate"
-        )
-    return cols, idx, names
+    before = set(sub.choices)
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()(sub)
+        except ImportError as exc:  # its package is not installed here: the command is simply absent
+            log.debug("fer: the %s command plugin %s is not importable: %s", PLUGIN_GROUP, ep.value, exc)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break `fer predict`
+            log.warning("fer: the %s command plugin %s could not be loaded: %s", PLUGIN_GROUP, ep.value, exc)
+    return set(sub.choices) - before
 
 
-def _face_batches(ds, batch_size: int):
-    """uint8 face batches (numpy) of a FaceDataset, in order: slices of ``images`` for in-memory sets,
-    else items decoded one by one."""
-    import numpy as np
-
-    n = len(ds)
-    for s in range(0, n, batch_size):
-        e = min(n, s + batch_size)
-        if ds.images is not None:
-            yield ds.images[s:e].numpy()
-        else:
-            yield np.stack([np.asarray(ds[i]["image"]) for i in range(s, e)])
-
-
-def cmd_eval(args) -> int:
-    import numpy as np
-
-    try:  # the training package ships with fer-desktop, but ferengine must not need it to import
-        from trainers.data import DatasetError, load_dataset
-        from trainers.metrics import classification_report, format_classification_report, save_confusion_png
-    except ImportError as exc:
-        raise CLIError(f"fer eval needs the trainers package of fer-desktop (dataset readers, metrics): {exc}")
-    from tqdm import tqdm
-
-    from .backends import create_backend
-    from .preprocess import to_model_input
-
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    loaded = _load(args.checkpoint, args.device)
-    if "expression" not in loaded.info.heads or not loaded.info.labels:
-        raise CLIError(f"{loaded.path}: the checkpoint has no expression head (heads {loaded.info.heads}); "
-                       "fer eval scores categorical predictions")
-    try:
-        ds = load_dataset(args.data, args.data_dir, args.split)
-    except DatasetError as exc:
-        raise CLIError(" ".join(str(exc).split())) from None
-    data_labels = list(ds.label_names)
-    y_all = ds.labels.numpy().astype(np.int64)
-    if len(ds) == 0 or (y_all < 0).all():
-        raise CLIError(f"{args.data}/{ds.split}: no item has a class label (a valence/arousal-only dataset?); "
-                       "fer eval scores categorical labels")
-
-    model_labels = list(loaded.info.labels)
-    cols, data_idx, names = match_labels(model_labels, data_labels)
-    from .labels import canonical
-
-    shared = set(names)
-    only_data = [n for n in data_labels if canonical(n) not in shared]
-    only_model = [n for n in model_labels if canonical(n) not in shared]
-    notes = []
-    if [canonical(n) for n in model_labels] != [canonical(n) for n in data_labels] and not only_data and not only_model:
-        notes.append(f"the checkpoint orders its classes {model_labels}, the dataset {data_labels}: matched by name")
-    # dataset class index -> position among the shared classes (-1: the model lacks that class)
-    to_shared = np.full(len(data_labels), -1, np.int64)
-    to_shared[data_idx] = np.arange(len(data_idx))
-    unlabelled = int((y_all < 0).sum())
-    y_shared = np.where(y_all >= 0, to_shared[np.clip(y_all, 0, None)], -1)
-    dropped_classes = {n: int((y_all == j).sum()) for j, n in enumerate(data_labels) if canonical(n) not in shared}
-    n_dropped = int(sum(dropped_classes.values()))
-    if only_data:
-        notes.append(f"the dataset has classes the checkpoint lacks: {only_data}; their {n_dropped} items are "
-                     f"left out, evaluating on the {len(names)} shared classes")
-    if only_model:
-        notes.append(f"the checkpoint has classes the dataset lacks: {only_model}; predictions are the most "
-                     f"probable of the {len(names)} shared classes")
-    if unlabelled:
-        notes.append(f"{unlabelled} items without a class label are left out")
-    keep = y_shared >= 0
-    if not keep.any():
-        raise CLIError(f"{args.data}/{ds.split}: no item belongs to a class the checkpoint knows ({names})")
-    for note in notes:
-        print(f"fer: note: {note}", file=sys.stderr)
-
-    backend = create_backend(args.backend, loaded, device=args.device)
-    preds = np.empty(len(ds), np.int64)
-    sel = np.asarray(cols, np.int64)
-    try:
-        with tqdm(total=len(ds), unit="face", desc=f"eval {args.data}/{ds.split}", disable=args.quiet or None,
-                  file=sys.stderr) as bar:
-            pos = 0
-            for faces in _face_batches(ds, args.batch_size):
-                probs = backend.run(to_model_input(faces, loaded.spec))["probs"]
-                preds[pos:pos + len(faces)] = probs[:, sel].argmax(axis=1)
-                pos += len(faces)
-                bar.update(len(faces))
-    finally:
-        backend.close()
-
-    report = classification_report(y_shared[keep], preds[keep], names)
-    header = (f"{loaded.path} on {args.data}/{ds.split} ({backend.name} on {backend.device}): "
-              f"{report['n']} of {len(ds)} faces")
-    print(header)
-    print(format_classification_report(report))
-    pct = lambda v: None if v != v else round(100.0 * v, 4)  # NaN -> null
-    result = {
-        "accuracy": pct(report["accuracy"]),
-        "mean_class_accuracy": pct(report["mean_class_accuracy"]),
-        "macro_f1": pct(report["macro_f1"]),
-        "n": report["n"],
-        "labels": names,
-        "confusion_matrix": report["confusion_matrix"],
-        "per_class": {k: {"precision": pct(v["precision"]), "recall": pct(v["recall"]), "f1": pct(v["f1"]),
-                          "support": v["support"]} for k, v in report["per_class"].items()},
-        "checkpoint": str(loaded.path),
-        "data": args.data,
-        "data_dir": str(args.data_dir) if args.data_dir else None,
-        "split": ds.split,
-        "backend": backend.name,
-        "dataset_size": len(ds),
-        "dropped": {"classes_not_in_checkpoint": dropped_classes, "unlabelled": unlabelled},
-        "checkpoint_classes_not_in_dataset": only_model,
-    }
-    if args.json:
-        from .fileio import atomic_write_json
-
-        atomic_write_json(Path(args.json), result)
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.confusion_png:
-        save_confusion_png(np.asarray(report["confusion_matrix"]), names, args.confusion_png,
-                           title=f"{loaded.info.name or loaded.path.name} on {args.data}/{ds.split}")
-        print(f"wrote {args.confusion_png}", file=sys.stderr)
-    return 0
+def _missing_eval(args) -> int:
+    raise CLIError("fer eval needs the trainers package of fer-desktop (dataset readers, metrics), registered as "
+                   f"a {PLUGIN_GROUP!r} entry point: install fer-desktop with pip (pip install -e . in a clone)")
 
 
 def cmd_info(args) -> int:
@@ -390,38 +267,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="TensorRT: build in fp32 instead of fp16")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("eval", help="accuracy, mean class accuracy, macro-F1 and confusion matrix on a dataset split")
-    p.add_argument("--data", required=True, help="dataset name: fer2013, ferplus, rafdb, affectnet, sfew, folder")
-    p.add_argument("--data-dir", default=None, help="folder holding the dataset (default: $FER_DATA_DIR, else ./data)")
-    p.add_argument("--split", required=True, help="split to evaluate, e.g. publictest, privatetest, val, test")
-    p.add_argument("--json", metavar="OUT", help="also write the metrics (percent) to this JSON file")
-    p.add_argument("--confusion-png", metavar="PNG", help="also draw the confusion matrix to this PNG file")
-    p.add_argument("--batch-size", type=int, default=256, help="faces per inference call (default 256)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    _add_model_args(p)
-    p.set_defaults(func=cmd_eval)
-
     p = sub.add_parser("info", help="print what a checkpoint holds (architecture, labels, input, metrics)")
     p.add_argument("checkpoint", nargs="?", help="checkpoint (default: the model in assets/)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("backends", help="which inference backends are usable on this machine")
     p.set_defaults(func=cmd_backends)
+    if "eval" not in _plugin_commands(sub):
+        p = sub.add_parser("eval", help="metrics of a checkpoint on a dataset split (needs fer-desktop's trainers)",
+                           add_help=False)
+        p.set_defaults(func=_missing_eval)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "func", None) is not _missing_eval:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="fer: %(message)s")
-    from .backends import BackendUnavailable
-    from .checkpoint import CheckpointError
-    from .faces import DetectorUnavailable
-    from .sources import SourceError
+    from .errors import FerError
 
     try:
         return args.func(args)
-    except (CLIError, CheckpointError, SourceError, BackendUnavailable, DetectorUnavailable, FileNotFoundError) as exc:
+    except (CLIError, FerError, FileNotFoundError) as exc:
         print(f"fer: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backends.base import BackendUnavailable, cuda_reason, output_names
+from .device import cuda_reason
+from .errors import BackendUnavailable, ExportError
+from .graph import InferenceModule, output_names
 from .fileio import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,35 +55,10 @@ TORCHSCRIPT_OPSET = 17
 VERIFY_ATOL = 1e-4
 
 
-class ExportError(RuntimeError):
-    """A model could not be exported (or the export is wrong); the message says which and why."""
-
-
-# ----------------------------------------------------------------------------------------- module
-
-
-class InferenceModule(nn.Module):
-    """The deployed function of a model: ``x -> (probs[, va])``.
-
-    ``probs`` is the softmax of the expression logits (computed in fp32), ``va`` the valence/arousal
-    head's output; a tuple in the order of :attr:`output_names` (``"probs"`` first). ``heads`` defaults
-    to ``model.heads``.
-    """
-
-    def __init__(self, model: nn.Module, heads: Sequence[str] | None = None):
-        super().__init__()
-        self.model = model
-        self.heads = tuple(heads if heads is not None else getattr(model, "heads", ("expression",)))
-        self.output_names = output_names(self.heads)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(x)
-        result = []
-        if "probs" in self.output_names:
-            result.append(torch.softmax(out["logits"].float(), dim=1))
-        if "va" in self.output_names:
-            result.append(out["va"].float())
-        return tuple(result)
+# ExportError and InferenceModule (the deployed graph) live in ferengine.errors and ferengine.graph;
+# imported here for callers that look for them in ferengine.export.
+__all__ = ["ExportError", "InferenceModule", "export_onnx", "build_tensorrt_engine", "cached_onnx", "cache_dir",
+           "fingerprint"]
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

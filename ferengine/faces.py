@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from .assets import asset_path
+from .errors import DetectorUnavailable
 
 __all__ = ["DETECTOR_MODELS", "KEYPOINT_NAMES", "DetectorUnavailable", "Face", "FaceDetector", "IoUTracker", "iou"]
 
@@ -62,10 +63,6 @@ def _close_task(holder: list) -> None:
         holder[0] = None
         with _quiet_native_logs():
             task.close()
-
-
-class DetectorUnavailable(RuntimeError):
-    """The face detector cannot run here (MediaPipe missing); the message says what to install."""
 
 
 class FaceDetector:

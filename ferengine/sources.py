@@ -25,17 +25,12 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
+from .errors import EndOfStream, SourceError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
-
-class SourceError(RuntimeError):
-    """A source cannot be opened or cannot deliver frames; the message says which and why."""
-
-
-class EndOfStream(SourceError):
-    """The source has no more frames (the normal end of a file or folder)."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ferengine import checkpoint as ck
 from ferengine.labels import LABEL_SETS
 from ferengine.preprocess import InputSpec
 from trainers.baseline import Baseline, classification_loss, va_loss
-from trainers.engine import build_parser, config_from_args, main
+from trainers.engine import main, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_baseline_cli_trains_evaluates_and_resumes(fer_dir, tmp_path, capsys):
     assert main(Baseline, ["--data", "fer2013", "--data-dir", str(fer_dir), "--eval-only",
                            str(out / "last.safetensors"), "--out", str(ev)]) == 0
     printed = capsys.readouterr().out
-    for word in ("accuracy", "mean_class_accuracy", "macro_f1", "true \\ predicted", "neutral"):
+    for word in ("accuracy", "mean class accuracy", "macro F1", "true \\ predicted", "neutral"):
         assert word in printed
     res = json.loads((ev / "eval.json").read_text())
     assert res["split"] == "publictest" and res["n"] == 48
@@ -97,7 +97,7 @@ def test_bad_arch_and_missing_data_fail_clearly(fer_dir, tmp_path, capsys):
 
 
 def test_paper_defaults_and_help():
-    cfg = config_from_args(build_parser(Baseline).parse_args([]), "baseline")
+    cfg = parse_config(Baseline, [])
     assert (cfg.optimizer, cfg.lr, cfg.nesterov, cfg.scheduler, cfg.batch_size) == ("sgd", 0.05, True, "cosine", 128)
     assert cfg.extra["arch"] == "fastcnn" and cfg.val_split is None
     r = subprocess.run([sys.executable, "-m", "trainers.baseline", "--help"], cwd=ROOT, capture_output=True, text=True,

@@ -21,8 +21,14 @@ from ferengine import checkpoint as ck
 from ferengine.labels import LABEL_SETS
 from ferengine.models import create_model
 from ferengine.models.daf import Attention3D, ChannelAttention, SpatialAttention
-from trainers.daf import DAF, main
-from trainers.engine import Trainer, build_parser, config_from_args
+from trainers.daf import DAF
+from trainers.engine import Trainer, parse_config
+from trainers.methods import run
+
+
+def main(argv):
+    return run("daf", argv)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 # a tiny DAF-CNN: widths 8-16-32-64-64, 32 px input (2x2 map at the attention), 32-d embedding
@@ -82,14 +88,16 @@ def test_model_applies_attention_between_backbone_and_fc():
     torch.manual_seed(0)
     m = create_model("daf_cnn", width=0.125, input_size=32, embedding_dim=16).eval()
     seen = {}
-    m.attention.register_forward_hook(lambda mod, inp, out: seen.update(att_in=inp[0], att_out=out))
+    m.attention.channel.register_forward_hook(lambda mod, inp, out: seen.update(att_in=inp[0]))
     m.fc1.register_forward_hook(lambda mod, inp, out: seen.update(fc_in=inp[0], emb_pre=out))
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         out = m(x)
-        torch.testing.assert_close(seen["att_in"], m.forward_blocks(x)[-1])
-    torch.testing.assert_close(seen["att_out"], m.attention(seen["att_in"]))
-    torch.testing.assert_close(seen["fc_in"], seen["att_out"].flatten(1))
+        f = m.forward_features(x)
+        torch.testing.assert_close(seen["att_in"], f["block5"])
+        torch.testing.assert_close(f["refined"], m.attention(f["block5"]), msg="refined = Attention3D(block5)")
+        torch.testing.assert_close(f["attention_channel"], m.attention.channel(f["block5"]))
+    torch.testing.assert_close(seen["fc_in"], f["refined"].flatten(1))
     torch.testing.assert_close(out["embedding"], torch.relu(seen["emb_pre"]), msg="embedding = FC_1 output")
     assert out["logits"].shape == (2, 7) and out["embedding"].shape == (2, 16)
 
@@ -110,7 +118,7 @@ def test_no_attention_removes_the_module():
     without.eval()
     with torch.no_grad():
         without(x)
-        torch.testing.assert_close(seen["fc_in"], without.forward_blocks(x)[-1].flatten(1))
+        torch.testing.assert_close(seen["fc_in"], without.forward_features(x)["block5"].flatten(1))
 
 
 def test_model_options():
@@ -167,8 +175,7 @@ def trained(tmp_path_factory):
 
 
 def _cfg(argv):
-    cls = DAF.for_data(next((argv[i + 1] for i, a in enumerate(argv) if a == "--data"), None))
-    return config_from_args(build_parser(cls).parse_args(argv), "daf")
+    return parse_config(DAF, argv)
 
 
 def test_paper_defaults_per_dataset():
@@ -255,7 +262,7 @@ def test_eval_only(trained, tmp_path, capsys, monkeypatch):
     ev = tmp_path / "ev"
     assert main(["--data", "fer2013", "--data-dir", str(trained["data"]), "--eval-only",
                  str(trained["out"] / "best.safetensors"), "--val-split", "privatetest", "--out", str(ev)]) == 0
-    assert "macro_f1" in capsys.readouterr().out
+    assert "macro F1" in capsys.readouterr().out
     res = json.loads((ev / "eval.json").read_text())
     assert res["split"] == "privatetest" and res["n"] == 16
 
@@ -263,9 +270,9 @@ def test_eval_only(trained, tmp_path, capsys, monkeypatch):
 def test_eval_only_measures_what_the_training_run_measured(trained, tmp_path, capsys, monkeypatch):
     """--eval-only on the selection split gives the run's own numbers for its best checkpoint, also where the
     CPU trains in bf16 (evaluation stays fp32 on a CPU in both paths)."""
-    import trainers.engine as engine
+    import trainers.engine.runtime as runtime
 
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setenv("FER_DESKTOP_CACHE", str(trained["cache"]))
     ev = tmp_path / "ev"
     assert main(["--data", "fer2013", "--data-dir", str(trained["data"]), "--eval-only",
@@ -293,8 +300,7 @@ def test_centres_move_and_are_restored_on_resume(fer_dir, tmp_path):
     assert not torch.allclose(saved, init), "eq. 12 moved the centres during epoch 1"
     assert float(saved.norm(dim=1).mean()) > 0.05
 
-    cfg = config_from_args(build_parser(DAF).parse_args(
-        ["--out", str(b), "--resume", "--epochs", "2", *base]), "daf")
+    cfg = parse_config(DAF, ["--out", str(b), "--resume", "--epochs", "2", *base])
     tr = Trainer(cfg, DAF, argv=["pytest"])
     assert tr.method.tc.reduction == "mean"
     assert torch.equal(tr.method.tc.centres.cpu(), saved)

@@ -20,9 +20,8 @@ from ferengine.models import create_model
 from ferengine.preprocess import to_model_input
 from trainers.augment import AUGMENT_PRESETS, AugmentConfig, BatchAugment, augment_config
 from trainers.baseline import Baseline
-from trainers.engine import (
-    FeatureQueue, Method, MomentumEncoder, TrainConfig, Trainer, TrainError, forward_with_blocks,
-)
+from trainers.engine import Method, TrainConfig, Trainer, TrainError
+from trainers.modules import LabelledQueue, MomentumPairs, frozen_copy
 
 try:  # the real dataset class when trainers.data is there; the engine only relies on its attributes
     from trainers.data import FaceDataset
@@ -303,6 +302,7 @@ class ToyNet(nn.Module):
     def __init__(self, net: nn.Module, k: int):
         super().__init__()
         self.net = net
+        self.net_k = frozen_copy(net)  # momentum target
         self.aux = nn.Linear(net.feature_dim, 8)
         self.branches = nn.ModuleList()
         self.k = k
@@ -314,13 +314,13 @@ class ToyNet(nn.Module):
 
 
 class KitchenSink(Method):
-    """Uses every extension point: 2 views (ECAN), EMA encoder + labelled queue filled by a frozen pass
-    (ECAN), per-optimiser losses or manual steps (AVCE), own-rule centres (DAF-CNN), a branch added during
-    training (ESR), block features (CLCL / diversity), plateau with reload-best (DAF-CNN)."""
+    """Uses every extension point: 2 views (ECAN), momentum pairs + labelled queue filled by a frozen pass
+    (ECAN), own-rule centres (DAF-CNN), a branch added during training (ESR), block features (CLCL /
+    diversity), plateau with reload-best (DAF-CNN); the manual variant: two optimisers, two passes (AVCE)."""
 
     name = "kitchen"
     views = 2
-    manual = False
+    momentum = (0.9, None)
 
     def build_model(self, data):
         self.arch, self.arch_kwargs = "fastcnn", {"num_classes": data.num_classes, "in_chans": 1, "width": 0.25}
@@ -329,24 +329,24 @@ class KitchenSink(Method):
     def export_model(self):
         return self.model.net
 
-    def build_optimizers(self):
+    def param_groups(self):
         m = self.model
-        aux_params = list(m.aux.parameters()) + list(m.net.stages[-1].parameters())  # shares the last stage
-        return {"main": torch.optim.SGD(m.net.parameters(), lr=self.cfg.lr, momentum=0.9),
-                "aux": torch.optim.Adam(aux_params, lr=1e-3)}
+        return [{"params": list(m.net.parameters()) + list(m.aux.parameters())}]
+
+    def momentum_pairs(self):
+        return [(self.model.net, self.model.net_k)]
 
     def setup(self):
         t = self.trainer
         fd = self.model.net.feature_dim
-        self.ema = t.register_state("ema", MomentumEncoder(self.model.net, 0.9))
-        self.queue = t.register_state("queue", FeatureQueue(48, fd))
+        self.queue = t.register_state("queue", LabelledQueue(48, fd))
         self.centres = torch.zeros(t.data.num_classes, fd)
         self.fills = 0
 
     def before_training(self):
         with torch.no_grad():
             for b in self.trainer.make_batches(self.trainer.train_ds, augment=True):
-                self.queue.push(self.ema(b.input)["embedding"], b.label)
+                self.queue.push(self.model.net_k(b.input)["embedding"], b.label, step=-1)
                 self.fills += 1
 
     def on_epoch_start(self, epoch):
@@ -358,7 +358,13 @@ class KitchenSink(Method):
         self.trainer.add_param_group("main", {"params": list(b.parameters()), "lr": 0.01})
 
     def _losses(self, batch):
-        out = [forward_with_blocks(self.model.net, x) for x in batch.inputs]
+        net = self.model.net
+        out = []
+        for x in batch.inputs:
+            f = net.forward_features(x)
+            o = dict(net.forward_head(f))
+            o["blocks"] = list(f.values())
+            out.append(o)
         ce = sum(F.cross_entropy(o["logits"], batch.label) for o in out) / 2
         emb = out[0]["embedding"]
         qf, ql = self.queue.get()
@@ -374,12 +380,11 @@ class KitchenSink(Method):
 
     def training_step(self, batch):
         main, aux = self._losses(batch)
-        return {"loss/main": main, "loss/aux": aux}
+        return {"loss": main + aux, "main": main, "aux": aux}
 
     def after_step(self, batch, logs):
-        self.ema.update(self.model.net)
         with torch.no_grad():
-            self.queue.push(self.ema(batch.input)["embedding"], batch.label)
+            self.queue.push(self.model.net_k(batch.input)["embedding"], batch.label, step=self.trainer.global_step)
             self.centres.index_add_(0, batch.label, 0.05 * (self._emb - self.centres[batch.label]))
 
     def eval_step(self, batch):
@@ -401,19 +406,22 @@ class KitchenSink(Method):
 class KitchenSinkManual(KitchenSink):
     manual_optimization = True
 
+    def build_optimizers(self):
+        m = self.model
+        aux_params = list(m.aux.parameters()) + list(m.net.stages[-1].parameters())  # shares the last stage
+        return {"main": torch.optim.SGD(m.net.parameters(), lr=self.cfg.lr, momentum=0.9),
+                "aux": torch.optim.Adam(aux_params, lr=1e-3)}
+
     def training_step(self, batch):
-        with self.trainer.autocast():
-            main, _ = self._losses(batch)
-        self.trainer.step(main, "main")
-        with self.trainer.autocast():  # a second forward/backward pass with the updated weights
-            _, aux = self._losses(batch)
-        self.trainer.step(aux, "aux")
+        main = self.trainer.step(lambda: self._losses(batch)[0], "main")
+        aux = self.trainer.step(lambda: self._losses(batch)[1], "aux")  # a second pass with the updated weights
         return {"loss": main.detach(), "aux": aux.detach()}
 
 
 @pytest.mark.parametrize("method", [KitchenSink, KitchenSinkManual])
 def test_every_hook_survives_a_kill(tmp_path, method):
-    kw = dict(scheduler="plateau", plateau_patience=0, plateau_threshold=200.0, plateau_factor=0.5, reload_best=True)
+    kw = dict(scheduler="plateau", plateau_patience=0, plateau_threshold=200.0, plateau_factor=0.5, reload_best=True,
+              extra={})
     a = _run(tmp_path / "a", method, **kw)
     _run(tmp_path / "b", method, kill=KillAt(epoch=3, step=2), **kw)
     b = _run(tmp_path / "b", method, resume=True, **kw)
@@ -421,8 +429,11 @@ def test_every_hook_survives_a_kill(tmp_path, method):
     # the branch added at epoch 2 was re-created on resume, with its param group
     assert len(b.model.branches) == 1 and len(b.optimizers["main"].param_groups) == 2
     assert torch.equal(sa["method"]["centres"], sb["method"]["centres"]) and sa["method"]["centres"].abs().sum() > 0
-    assert state_equal(sa["extra"]["ema"]["module"], sb["extra"]["ema"]["module"]) == []
     assert torch.equal(sa["extra"]["queue"]["features"], sb["extra"]["queue"]["features"])
+    assert torch.equal(sa["extra"]["queue"]["groups"], sb["extra"]["queue"]["groups"])
+    # the momentum target moved away from its copy of the initial weights, towards the online network
+    w = "net_k.stages.0.0.weight"
+    assert not torch.equal(sa["model"][w], sa["model"]["net.stages.0.0.weight"])
     assert sa["method"]["fills"] == a.method.fills > 0  # frozen pass ran once, not again on resume
     # plateau never sees a gain of 200 points: the lr halves every epoch and the best weights are reloaded
     # (epoch 1 is an improvement over nothing; epochs 2 and 3 are not)
@@ -432,21 +443,50 @@ def test_every_hook_survives_a_kill(tmp_path, method):
     assert any(k.startswith("val_accuracy_branch0") for k in a.history[-1])
 
 
-def test_feature_queue_and_momentum_encoder():
-    q = FeatureQueue(5, 2)
-    q.push(torch.ones(3, 2), torch.tensor([0, 1, 2]))
+def test_several_optimisers_need_manual_optimisation(tmp_path):
+    class TwoOptimisers(KitchenSink):
+        build_optimizers = KitchenSinkManual.build_optimizers
+
+    with pytest.raises(TrainError, match="manual_optimization"):
+        _run(tmp_path / "x", TwoOptimisers, extra={})
+
+
+def test_labelled_queue_keeps_steps_and_whole_groups():
+    q = LabelledQueue(5, 2)
+    assert q.push(torch.ones(3, 2), torch.tensor([0, 1, 2]), step=7) == 0
     assert q.get()[0].shape == (3, 2) and not q.full
-    q.push(2 * torch.ones(4, 2), torch.tensor([3, 4, 5, 6]))
+    assert q.steps[:3].tolist() == [7, 7, 7] and q.groups[:3].tolist() == [0, 0, 0]
+    q.push(2 * torch.ones(2, 2), torch.tensor([3, 4]), step=8)
+    groups = q.recent_groups(5)
+    assert [g[1].tolist() for g in groups] == [[3, 4], [0, 1, 2]], "newest first, whole groups"
+    q.push(3 * torch.ones(2, 2), torch.tensor([5, 6]), step=9)  # overwrites two entries of group 0
     f, lab = q.get()
     assert q.full and f.shape == (5, 2) and sorted(lab.tolist()) == [2, 3, 4, 5, 6]
+    groups = q.recent_groups(5)
+    assert [g[1].tolist() for g in groups] == [[5, 6], [3, 4]], "a partly overwritten group is not a group"
+    q2 = LabelledQueue(5, 2)
+    q2.load_state_dict(q.state_dict())
+    assert [g[1].tolist() for g in q2.recent_groups(2)] == [[5, 6], [3, 4]]
+    with pytest.raises(ValueError, match="shape"):
+        q.push(torch.ones(2, 3), torch.tensor([0, 1]))
+
+
+def test_momentum_pairs():
+    a, b = nn.Linear(2, 1), nn.Linear(3, 1)
     lin = nn.Linear(2, 1)
-    ema = MomentumEncoder(lin, 0.75)
+    target = frozen_copy(lin)
+    ema = MomentumPairs([(lin, target)], 0.75)
     with torch.no_grad():
-        old = ema.module.weight.clone()
+        old = target.weight.clone()
         lin.weight.add_(1.0)
-    ema.update(lin)
-    assert torch.allclose(ema.module.weight, 0.75 * old + 0.25 * lin.weight)
-    assert not any(p.requires_grad for p in ema.module.parameters())
+    ema.update()
+    assert torch.allclose(target.weight, 0.75 * old + 0.25 * lin.weight)
+    assert not any(p.requires_grad for p in target.parameters())
+    rising = MomentumPairs([(lin, target)], 0.99, 1.0, total_steps=10)
+    assert rising.momentum_at(0) == pytest.approx(0.99) and rising.momentum_at(10) == pytest.approx(1.0)
+    assert 0.99 < rising.momentum_at(5) < 1.0
+    with pytest.raises(ValueError, match="do not match"):
+        MomentumPairs([(a, b)])
 
 
 # --------------------------------------------------------------------------------------- time budget
@@ -465,10 +505,10 @@ def test_duration_argument():
 def test_time_budget_shortens_the_run_and_ends_the_cosine(tmp_path, monkeypatch):
     """Each epoch takes 10 s on a fake clock; a 35 s budget fits 3 of the 10 epochs asked, and the cosine is
     re-timed so that the last step of epoch 3 reaches the floor."""
-    from trainers import engine
+    from trainers.engine import logs
 
     now = [0.0]
-    monkeypatch.setattr(engine, "_clock", lambda: now[0])
+    monkeypatch.setattr(logs, "clock", lambda: now[0])
 
     class TenSeconds:
         def on_epoch_end(self, trainer, epoch, row):
@@ -488,10 +528,10 @@ def test_long_epochs_log_their_progress_without_a_terminal(tmp_path, monkeypatch
     """Under nohup or a log file tqdm is silent; an epoch that runs past PROGRESS_EVERY_S logs where it is
     (step, losses, speed, time left). The fake clock advances 25 s per step, 5 steps per epoch: the first line
     comes when 60 s have passed, and none at the last step (the epoch's own line follows)."""
-    from trainers import engine
+    from trainers.engine import logs
 
     now = [0.0]
-    monkeypatch.setattr(engine, "_clock", lambda: now[0])
+    monkeypatch.setattr(logs, "clock", lambda: now[0])
 
     class Slow:
         def on_step_end(self, trainer, epoch, step):
@@ -507,6 +547,6 @@ def test_long_epochs_log_their_progress_without_a_terminal(tmp_path, monkeypatch
 
 
 def test_hms():
-    from trainers.engine import _hms
+    from trainers.engine.logs import hms
 
-    assert [_hms(x) for x in (0, 59.4, 75, 3599, 4000, float("nan"))] == ["0s", "59s", "1m15s", "59m59s", "1h06m", "?"]
+    assert [hms(x) for x in (0, 59.4, 75, 3599, 4000, float("nan"))] == ["0s", "59s", "1m15s", "59m59s", "1h06m", "?"]

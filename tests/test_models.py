@@ -1,7 +1,9 @@
-"""Every registered architecture: forward/heads contract, backward, checkpoint round trip, ONNX export.
+"""Every registered architecture: the contract its registry entry declares (heads, input, named features),
+backward, batch independence, only inference parts in the deployed graph, checkpoint round trip, ONNX export.
 
-Parametrised over ``list_models()``, so a newly registered model is covered without touching this file.
-Models run at their own ``default_input`` (48 px grey for fastcnn and resnet18's small stem), batch <= 5.
+Parametrised over ``list_models()`` and reading each entry's ``ModelCfg``, so a newly registered model is
+covered without touching this file; an AV-only model registered for the test shows that a model with other
+heads passes the same checks.
 """
 from __future__ import annotations
 
@@ -14,11 +16,52 @@ import torch.nn.functional as F
 
 from ferengine import checkpoint as ck
 from ferengine.export import export_onnx
-from ferengine.models import create_model, list_models
+from ferengine.graph import InferenceModule
+from ferengine.models import ModelCfg, create_model, list_models, model_cfg, register_model, unregister_model
 from ferengine.preprocess import InputSpec
 
 MODELS = list_models()
 KNOWN_HEADS = {"expression", "valence_arousal"}
+
+
+class _AVOnly(torch.nn.Module):
+    """A valence/arousal-only model with fixed heads (as AVCE's will be): no num_classes, no av_head."""
+
+    feature_names = ("conv",)
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(1, width, 3, padding=1), torch.nn.BatchNorm2d(width),
+                                        torch.nn.ReLU())
+        self.fc = torch.nn.Linear(width, 2)
+        self.heads = ("valence_arousal",)
+        self.default_input = {"size": 24, "channels": 1}
+
+    def forward_features(self, x):
+        return {"conv": self.conv(x)}
+
+    def forward_head(self, f):
+        return {"va": torch.tanh(self.fc(f["conv"].mean((2, 3))))}
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@pytest.fixture
+def av_only_model():
+    """``_test_av_only`` registered for one test."""
+    def _test_av_only(width: int = 4):
+        """AV-only test model."""
+        return _AVOnly(width)
+
+    register_model(_test_av_only, cfg=ModelCfg(heads=("valence_arousal",), input={"size": 24, "channels": 1},
+                                               features=("conv",), head_kwargs=False, test_kwargs={"width": 3}))
+    yield "_test_av_only"
+    unregister_model("_test_av_only")
+
+
+def _small(name: str, **kw):
+    return create_model(name, **{**model_cfg(name).test_kwargs, **kw})
 
 
 def _x(model, n: int, seed: int = 0) -> torch.Tensor:
@@ -37,65 +80,144 @@ def _info(name: str, model, kwargs: dict) -> ck.CheckpointInfo:
 
 
 def _trained_stats(model, n: int = 4) -> None:
-    """Move BatchNorm running statistics away from their initial values (so a round trip that drops
-    buffers is caught)."""
+    """Give BatchNorm the running statistics of real activations (cumulative averages over a few batches), as
+    training would: at initialisation a deep net's eval-mode signal shrinks ~30x per block against the default
+    statistics (DAF-CNN's outputs would not depend on the input), and a round trip that drops buffers is caught."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
     model.train()
     with torch.no_grad():
-        for seed in range(2):
+        for seed in range(3):
             model(_x(model, n, seed=100 + seed) * 2 + 0.5)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
     model.eval()
 
 
 def test_registry_is_not_empty():
-    assert {"fastcnn", "resnet18"} <= set(MODELS)
+    assert {"fastcnn", "resnet18", "daf_cnn"} <= set(MODELS)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_forward_contract(name):
+def check_contract(name: str) -> None:
+    """What the registry entry declares is what the model is and does."""
+    cfg = model_cfg(name)
     torch.manual_seed(0)
-    model = create_model(name).eval()
-    assert isinstance(model.heads, tuple) and model.heads == ("expression",)
+    full = create_model(name)
+    assert isinstance(full.heads, tuple) and full.heads == cfg.heads and set(cfg.heads) <= KNOWN_HEADS
+    assert {k: full.default_input[k] for k in ("size", "channels")} == cfg.input
+    model = _small(name).eval()
     d = model.default_input
     assert d["channels"] in (1, 3) and 8 <= d["size"] <= 1024
     x = _x(model, 2)
     with torch.no_grad():
         out = model(x)
-        blocks = model.forward_blocks(x)
-    assert isinstance(out, dict)
-    assert out["logits"].shape == (2, 7) and out["logits"].dtype == torch.float32
-    assert "va" not in out
-    assert torch.isfinite(out["logits"]).all()
-    assert len(blocks) >= 1 and all(b.ndim == 4 and b.shape[0] == 2 for b in blocks)
+        feats = model.forward_features(x)
+        again = model.forward_head(feats)
+    assert isinstance(out, dict) and isinstance(feats, dict)
+    assert tuple(feats) == cfg.features, "forward_features returns the declared names, in order"
+    assert all(f.shape[0] == 2 and torch.isfinite(f).all() for f in feats.values())
+    for k in out:
+        torch.testing.assert_close(again[k], out[k], msg=f"forward != forward_head(forward_features) for {k}")
+    if "expression" in cfg.heads:
+        key = "probs" if "probs" in out else "logits"
+        assert out[key].ndim == 2 and out[key].shape[0] == 2 and out[key].dtype == torch.float32
+        assert torch.isfinite(out[key]).all()
+    else:
+        assert "logits" not in out and "probs" not in out
+    if "valence_arousal" in cfg.heads:
+        assert out["va"].shape == (2, 2) and out["va"].abs().max() <= 1.0
+    else:
+        assert "va" not in out
+
+
+def check_batch_independence(name: str) -> None:
+    """In eval mode a face's outputs are the same whatever else is in its batch."""
+    torch.manual_seed(0)
+    model = _small(name)
+    _trained_stats(model)
+    x = _x(model, 5, seed=3)
+    with torch.no_grad():
+        alone = InferenceModule(model)(x[:1])
+        batch = InferenceModule(model)(x)
+        shuffled = InferenceModule(model)(x.flip(0))
+    for a, b, c in zip(alone, batch, shuffled):
+        torch.testing.assert_close(b[:1], a, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(c.flip(0), b, atol=1e-5, rtol=1e-4)
+
+
+def check_only_inference_parts(name: str) -> None:
+    """Every parameter of the model is used by the deployed outputs (so it holds no projection head, no
+    clustering, no momentum copy), and eval mode is deterministic (no dropout at inference)."""
+    torch.manual_seed(0)
+    model = _small(name)
+    _trained_stats(model)
+    x = _x(model, 3, seed=5)
+    outs = InferenceModule(model)(x)
+    sum(o.float().pow(2).sum() for o in outs).backward()
+    unused = [k for k, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not unused, f"parameters the deployed graph does not use: {unused[:5]}"
+    with torch.no_grad():
+        a, b = InferenceModule(model)(x), InferenceModule(model)(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b)), "eval mode is not deterministic (dropout left on?)"
+    assert any(float((o - o[:1]).abs().max()) > 1e-6 for o in a), "the outputs ignore the input"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_contract(name):
+    check_contract(name)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batch_independence(name):
+    check_batch_independence(name)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_exported_network_holds_only_inference_parts(name):
+    check_only_inference_parts(name)
+
+
+def test_an_av_only_model_passes_the_same_checks(av_only_model):
+    assert av_only_model in list_models()
+    check_contract(av_only_model)
+    check_batch_independence(av_only_model)
+    check_only_inference_parts(av_only_model)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_head_options(name):
     """``num_classes`` and ``av_head`` shape the outputs and ``heads`` says which are there."""
+    if not model_cfg(name).head_kwargs:
+        pytest.skip(f"{name} has fixed heads")
     torch.manual_seed(0)
-    both = create_model(name, num_classes=5, av_head=True).eval()
+    both = _small(name, num_classes=5, av_head=True).eval()
     assert both.heads == ("expression", "valence_arousal")
     with torch.no_grad():
         out = both(_x(both, 3) * 10)  # large inputs: tanh must still bound va
     assert out["logits"].shape == (3, 5)
     assert out["va"].shape == (3, 2) and out["va"].abs().max() <= 1.0
 
-    av_only = create_model(name, num_classes=0, av_head=True).eval()
+    av_only = _small(name, num_classes=0, av_head=True).eval()
     assert av_only.heads == ("valence_arousal",)
     with torch.no_grad():
         out = av_only(_x(av_only, 2))
     assert "logits" not in out and out["va"].shape == (2, 2)
     assert set(both.heads) <= KNOWN_HEADS
     with pytest.raises(ValueError):
-        create_model(name, num_classes=0, av_head=False)
+        _small(name, num_classes=0, av_head=False)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_backward_gives_finite_grads_everywhere(name):
     torch.manual_seed(0)
-    model = create_model(name, av_head=True).train()
+    model = _small(name, **({"av_head": True} if model_cfg(name).head_kwargs else {})).train()
     x = _x(model, 2)
     out = model(x)
-    loss = F.cross_entropy(out["logits"], torch.tensor([0, 3])) + F.mse_loss(out["va"], torch.zeros(2, 2) + 0.3)
+    loss = sum(F.mse_loss(out["va"], torch.zeros(2, 2) + 0.3) if k == "va" else
+               F.cross_entropy(out[k], torch.tensor([0, 3])) for k in ("logits", "va") if k in out)
     loss.backward()
     params = dict(model.named_parameters())
     no_grad = [k for k, p in params.items() if p.requires_grad and p.grad is None]
@@ -109,7 +231,7 @@ def test_backward_gives_finite_grads_everywhere(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_checkpoint_round_trip_is_exact(name, suffix, tmp_path):
     torch.manual_seed(0)
-    kwargs = {"num_classes": 7, "av_head": True}
+    kwargs = {**model_cfg(name).test_kwargs, "num_classes": 7, "av_head": True}
     model = create_model(name, **kwargs)
     _trained_stats(model)
     x = _x(model, 3, seed=7)
@@ -131,7 +253,7 @@ def test_onnx_export_matches_torch(name, av_head, tmp_path):
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    kwargs = {"num_classes": 7, "av_head": av_head}
+    kwargs = {**model_cfg(name).test_kwargs, "num_classes": 7, "av_head": av_head}
     model = create_model(name, **kwargs)
     _trained_stats(model)
     info = _info(name, model, kwargs)

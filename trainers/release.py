@@ -8,7 +8,8 @@ Steps, each on the file that ships (so the card describes exactly that file):
 1. copy the weights (``--half``: stored as fp16, loaded back as fp32) with the display name and, from a
    ``trainers.calibrate`` result, the calibrated crop margin/offset (inference-only fields: the training
    faces were already crops) — written atomically;
-2. ``fer eval`` of the shipped file on ``--data/--split`` through ONNX Runtime (the app's CPU backend):
+2. the evaluation of the shipped file on ``--data/--split`` (``trainers.evaluate``, what ``fer eval`` runs)
+   through ONNX Runtime (the app's CPU backend):
    accuracy, mean class accuracy, macro-F1, confusion matrix (also as PNG beside the card);
 3. latency: ONNX Runtime and PyTorch ms per face at batch 1 (median of ``--repeat``) on this machine;
 4. the model card (Markdown): data, the exact training command(s) (from the checkpoint), selection
@@ -57,7 +58,6 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
             data_dir: str | None, split: str, repeat: int, notes: Path | None = None) -> dict[str, Any]:
     from ferengine import checkpoint as ck
     from ferengine.backends import create_backend
-    from ferengine.cli import main as fer_main
     from ferengine.preprocess import to_model_input
 
     loaded = ck.load(src)
@@ -82,13 +82,16 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
     stem = out.name.split(".")[0]
     eval_json = card_dir / f"{stem}.eval.json"
     cm_png = card_dir / f"{stem}.confusion.png"
-    argv = ["eval", "--checkpoint", str(out), "--data", data, "--split", split, "--backend", "onnxruntime",
-            "--json", str(eval_json), "--confusion-png", str(cm_png), "--quiet"]
-    if data_dir:
-        argv += ["--data-dir", str(data_dir)]
-    if fer_main(argv) != 0:
-        raise SystemExit(f"release: fer eval failed on {out}")
-    metrics = json.loads(eval_json.read_text())
+    from ferengine.fileio import atomic_write_json
+
+    from trainers.evaluate import _json_safe, evaluate_checkpoint
+    from trainers.metrics import save_confusion_png
+
+    metrics = _json_safe(evaluate_checkpoint(out, data, data_dir, split, backend="onnxruntime", device="cpu",
+                                             quiet=True))
+    atomic_write_json(eval_json, metrics)
+    save_confusion_png(np.asarray(metrics["confusion_matrix"]), metrics["labels"], cm_png,
+                       title=f"{name} on {data}/{metrics['split']}")
 
     # store the metrics in the shipped checkpoint too (weights unchanged)
     shipped = ck.load(out)
@@ -240,11 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               "checkpoint's metadata): where and how it was trained, caveats")
     args = p.parse_args(argv)
     from ferengine.checkpoint import CheckpointError
+    from ferengine.errors import FerError
+
+    from trainers.data import DatasetError
+    from trainers.evaluate import EvalError
 
     try:
         r = release(args.checkpoint, args.out, name=args.name, half=args.half, calibration=args.calibration,
                     data=args.data, data_dir=args.data_dir, split=args.split, repeat=args.repeat, notes=args.notes)
-    except (CheckpointError, FileNotFoundError, KeyError) as exc:
+    except (CheckpointError, FileNotFoundError, KeyError, DatasetError, EvalError, FerError) as exc:
         print(f"release: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in r.items() if k != "metrics"}, indent=2))

@@ -101,7 +101,7 @@ def create_backend(name: str, loaded: "LoadedModel", device: str = "auto", **opt
     ``engine_path``); with ``"auto"`` each candidate gets the options its constructor accepts.
     Raises :class:`BackendUnavailable` (why, and what to install) when the backend cannot run here.
     """
-    from ..export import ExportError
+    from ..errors import ExportError
 
     if name != "auto":
         if name not in BACKENDS:

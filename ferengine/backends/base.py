@@ -14,30 +14,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..device import cuda_reason
+from ..errors import BackendUnavailable
+from ..graph import output_names
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import LoadedModel
 
 log = logging.getLogger("ferengine.backends")
 
+__all__ = ["BACKENDS", "TENSORRT_INSTALL_HINT", "Backend", "BackendUnavailable", "cuda_reason", "output_names",
+           "physical_cores"]
+
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 TENSORRT_INSTALL_HINT = "pip install 'fer-desktop[tensorrt]', NVIDIA GPU required"
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend cannot run here; the message says why and what to install or change."""
-
-
-def output_names(heads) -> tuple[str, ...]:
-    """The outputs a model with ``heads`` gives: ``probs`` (expression) then ``va`` (valence/arousal)."""
-    names = []
-    if "expression" in heads:
-        names.append("probs")
-    if "valence_arousal" in heads:
-        names.append("va")
-    if not names:
-        raise ValueError(f"a model needs an expression or a valence_arousal head, got heads {list(heads)}")
-    return tuple(names)
 
 
 class Backend(abc.ABC):
@@ -119,19 +110,6 @@ class Backend(abc.ABC):
 
 
 # ------------------------------------------------------------------------------------- machines
-
-
-def cuda_reason() -> str | None:
-    """None when torch sees a CUDA GPU, else why not (CPU-only torch build, or no device)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        return "no CUDA GPU (PyTorch is not installed)"
-    if torch.version.cuda is None:
-        return f"no CUDA GPU support in this PyTorch build ({torch.__version__}, CPU only)"
-    if not torch.cuda.is_available():
-        return f"no CUDA GPU (PyTorch {torch.__version__} with CUDA {torch.version.cuda} sees no device)"
-    return None
 
 
 def physical_cores() -> int | None:

@@ -102,7 +102,7 @@ class TensorRTBackend(Backend):
         trt = import_tensorrt()
         import torch
 
-        from .torch_backend import resolve_device
+        from ..device import resolve_device
 
         if str(device).strip().lower() == "cpu":
             raise BackendUnavailable("TensorRT runs on a CUDA GPU only; use onnxruntime or torch on the CPU")

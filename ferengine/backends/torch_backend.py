@@ -7,36 +7,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..export import InferenceModule
-from .base import Backend, BackendUnavailable, cuda_reason
+from ..device import resolve_device
+from ..graph import InferenceModule
+from .base import Backend, BackendUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import LoadedModel
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> the current CUDA device when torch sees one, else the CPU; ``"gpu"`` = ``"cuda"``.
-    A CUDA device that is not there raises :class:`BackendUnavailable`."""
-    d = str(device).strip().lower()
-    if d == "auto":
-        d = "cuda" if cuda_reason() is None else "cpu"
-    if d == "gpu":
-        d = "cuda"
-    try:
-        dev = torch.device(d)
-    except RuntimeError as exc:
-        raise ValueError(f"bad device {device!r} ({exc}); use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        reason = cuda_reason()
-        if reason:
-            raise BackendUnavailable(f"device {device!r} asked for, but {reason}")
-        index = torch.cuda.current_device() if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise BackendUnavailable(f"no CUDA device {index}: torch sees {torch.cuda.device_count()}")
-        dev = torch.device("cuda", index)
-    return dev
 
 
 class TorchBackend(Backend):

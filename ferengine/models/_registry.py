@@ -1,34 +1,56 @@
 """Model registry: ``@register_model`` fills a name -> builder table; ``create_model`` looks it up.
 
-Every registered model is an ``nn.Module`` whose ``forward(x)`` takes a float tensor ``(N, C, H, W)``
-prepared by :func:`ferengine.preprocess.to_model_input` and returns a dict:
+The contract every registered model keeps (``tests/test_models.py`` checks it for each, reading the
+registry entry's :class:`ModelCfg`):
 
-- ``"logits"``: ``(N, num_classes)`` expression logits (when the model has an expression head);
-- ``"va"``: ``(N, 2)`` valence, arousal in [-1, 1] (when the model has a valence/arousal head);
-- any further keys (``"embedding"``, block features ...) are for training code and are ignored by
-  inference.
-
-A model also exposes ``heads`` (a tuple drawn from ``("expression", "valence_arousal")``) and
-``default_input`` (a dict of :class:`ferengine.preprocess.InputSpec` fields it was designed for).
+- ``forward(x)``: a float tensor ``(N, C, H, W)`` prepared by :func:`ferengine.preprocess.to_model_input`
+  -> a dict: ``"logits"`` ``(N, num_classes)`` (expression head) and/or ``"probs"`` (a model that combines
+  several heads itself, e.g. an ensemble's vote: class probabilities, used instead of softmax(logits) by
+  inference), ``"va"`` ``(N, 2)`` valence, arousal in [-1, 1] (valence/arousal head); further keys
+  (``"embedding"`` ...) are for training code and ignored by inference;
+- ``forward_features(x)`` -> the named intermediate features (``ModelCfg.features``: blocks, and attention
+  maps where the model has them), ``forward_head(features)`` -> the outputs; ``forward`` is the two in a row,
+  so a training loss can read block features and outputs from ONE pass;
+- ``heads`` (drawn from ``("expression", "valence_arousal")``) and ``default_input`` (the
+  :class:`ferengine.preprocess.InputSpec` fields it was designed for), as the registry entry declares;
+- in eval mode one face's outputs do not depend on the other faces of the batch, and the module holds only
+  what inference runs (no projection heads, clustering, momentum copies; dropout off in eval).
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from torch import nn
 
+from ..errors import UnknownModelError
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_CFGS: dict[str, "ModelCfg"] = {}
 
 
-class UnknownModelError(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
-        return str(self.args[0])
+@dataclass(frozen=True)
+class ModelCfg:
+    """What a registered model declares (timm's ``default_cfg``), read by the every-model tests.
+
+    ``heads``: the heads of ``create_model(name)``; ``input``: its ``default_input`` (size, channels);
+    ``features``: the names ``forward_features`` returns; ``head_kwargs``: the builder takes ``num_classes``
+    and ``av_head`` (False for a model with fixed heads, e.g. valence/arousal only); ``test_kwargs``:
+    constructor arguments for a small, fast instance in the tests.
+    """
+
+    heads: tuple[str, ...] = ("expression",)
+    input: dict[str, Any] = field(default_factory=lambda: {"size": 48, "channels": 1})
+    features: tuple[str, ...] = ()
+    head_kwargs: bool = True
+    test_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None):
-    """Decorator registering a builder function under its own name (or ``name``)."""
+def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None,
+                   cfg: ModelCfg | None = None):
+    """Decorator registering a builder function under its own name (or ``name``) with its :class:`ModelCfg`."""
 
     def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name or f.__name__
@@ -36,9 +58,23 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | No
             raise ValueError(f"model {key!r} is registered twice")
         _MODELS[key] = f
         _DESCRIPTIONS[key] = (inspect.getdoc(f) or "").split("\n")[0]
+        _CFGS[key] = cfg or ModelCfg()
         return f
 
     return wrap(fn) if fn is not None else wrap
+
+
+def unregister_model(name: str) -> None:
+    """Remove a registration (tests and plugins that register temporary models)."""
+    _MODELS.pop(name, None)
+    _DESCRIPTIONS.pop(name, None)
+    _CFGS.pop(name, None)
+
+
+def model_cfg(name: str) -> ModelCfg:
+    """The registry entry's declarations for architecture ``name``."""
+    _lookup(name)
+    return _CFGS[name]
 
 
 def list_models() -> list[str]:

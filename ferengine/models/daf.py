@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._heads import OutputHeads
-from ._registry import register_model
+from ._registry import ModelCfg, register_model
 
 BLOCK_DEPTHS = (3, 3, 4, 4, 4)
 BLOCK_WIDTHS = (64, 128, 256, 512, 512)
@@ -141,16 +141,28 @@ class DAFCNN(nn.Module):
         self.feature_dim = embedding_dim
         self.default_input = {"size": int(input_size), "channels": in_chans, "mean": (0.0,), "std": (1.0,)}
 
-    def forward_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of the five backbone blocks (blocks 1-4 after their max-pool)."""
-        feats = []
-        for block in self.blocks:
+    feature_names = ("block1", "block2", "block3", "block4", "block5")
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The five backbone blocks (blocks 1-4 after their max-pool), then the attention: its channel map
+        ``attention_channel`` (N, C, 1, 1) and spatial map ``attention_spatial`` (N, 1, H, W) (absent with
+        ``attention=False``) and the refined map ``refined`` (eq. 5's M) the classifier reads."""
+        feats: dict[str, torch.Tensor] = {}
+        for name, block in zip(self.feature_names, self.blocks):
             x = block(x)
-            feats.append(x)
+            feats[name] = x
+        if isinstance(self.attention, Attention3D):
+            ac = self.attention.channel(x)
+            m1 = ac * x
+            as_ = self.attention.spatial(m1)
+            feats["attention_channel"], feats["attention_spatial"] = ac, as_
+            feats["refined"] = as_ * m1
+        else:
+            feats["refined"] = x
         return feats
 
-    def _head(self, fmap: torch.Tensor) -> dict[str, torch.Tensor]:
-        m = self.attention(fmap)
+    def forward_head(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        m = features["refined"]
         v = torch.flatten(m, 1) if self.head_pool == "flatten" else m.mean(dim=(2, 3))
         z = self.fc1(v)
         h = F.relu(z)
@@ -159,19 +171,13 @@ class DAFCNN(nn.Module):
             out["embedding"] = z
         return out
 
-    def forward_with_blocks(self, x: torch.Tensor) -> dict[str, object]:
-        feats = self.forward_blocks(x)
-        out: dict[str, object] = dict(self._head(feats[-1]))
-        out["blocks"] = feats
-        return out
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        for block in self.blocks:
-            x = block(x)
-        return self._head(x)
+        return self.forward_head(self.forward_features(x))
 
 
-@register_model
+@register_model(cfg=ModelCfg(input={"size": 96, "channels": 1},
+                             test_kwargs={"width": 0.125, "input_size": 32, "embedding_dim": 16},
+                             features=DAFCNN.feature_names + ("attention_channel", "attention_spatial", "refined")))
 def daf_cnn(
     num_classes: int = 7,
     in_chans: int = 1,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ._heads import OutputHeads
-from ._registry import register_model
+from ._registry import ModelCfg, register_model
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -33,19 +33,25 @@ class FastCNN(nn.Module):
         self.feature_dim = cin
         self.default_input = {"size": 48, "channels": in_chans}
 
-    def forward_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for stage in self.stages:
+    feature_names = ("stage1", "stage2", "stage3", "stage4")
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The output of each stage (after its max-pool), by name."""
+        feats = {}
+        for name, stage in zip(self.feature_names, self.stages):
             x = stage(x)
-            feats.append(x)
+            feats[name] = x
         return feats
 
+    def forward_head(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.head(torch.flatten(self.pool(features["stage4"]), 1))
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.forward_blocks(x)[-1]
-        return self.head(torch.flatten(self.pool(x), 1))
+        return self.forward_head(self.forward_features(x))
 
 
-@register_model
+@register_model(cfg=ModelCfg(input={"size": 48, "channels": 1}, test_kwargs={"width": 0.25},
+                             features=FastCNN.feature_names))
 def fastcnn(
     num_classes: int = 7, in_chans: int = 1, width: float = 1.0, av_head: bool = False,
     dropout: float = 0.3,

@@ -6,7 +6,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from ._heads import OutputHeads
-from ._registry import register_model
+from ._registry import ModelCfg, register_model
 
 IMAGENET_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 
@@ -54,18 +54,22 @@ class FaceResNet(nn.Module):
         size = 224 if stem == "imagenet" else 48
         self.default_input = {"size": size, "channels": in_chans}
 
-    def forward_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of the four residual stages (for cross-layer and diversity losses)."""
+    feature_names = ("layer1", "layer2", "layer3", "layer4")
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Outputs of the four residual stages, by name (for cross-layer and diversity losses)."""
         x = self.stem(x)
-        feats = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            feats.append(x)
+        feats = {}
+        for name in self.feature_names:
+            x = getattr(self, name)(x)
+            feats[name] = x
         return feats
 
+    def forward_head(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.head(torch.flatten(self.pool(features["layer4"]), 1))
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.forward_blocks(x)
-        return self.head(torch.flatten(self.pool(feats[-1]), 1))
+        return self.forward_head(self.forward_features(x))
 
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
@@ -79,7 +83,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
         ) from exc
 
 
-@register_model
+@register_model(cfg=ModelCfg(input={"size": 48, "channels": 1}, features=FaceResNet.feature_names))
 def resnet18(
     num_classes: int = 7, in_chans: int = 1, stem: str = "small", av_head: bool = False,
     dropout: float = 0.0, pretrained: bool = False,

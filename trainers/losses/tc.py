@@ -30,6 +30,7 @@ Items with label < 0 (no label) are ignored. Distances are computed in float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +101,11 @@ def feature_gradient(centres: torch.Tensor, labels: torch.Tensor, nearest_negati
     return (c[nearest_negative] - c[labels]) * active.float().unsqueeze(1)
 
 
-def centre_delta(result: TCResult, centres: torch.Tensor) -> torch.Tensor:
-    """Eq. 12 as printed, ``Delta_j`` for every centre, ``(K, d)``; the update is ``c += alpha * Delta``."""
+def centre_delta(result: TCResult, centres: torch.Tensor,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Eq. 12 as printed, ``Delta_j`` for every centre, ``(K, d)``; the update is ``c += alpha * Delta``.
+    ``reduce``: sums the per-class sums over the processes of a torchrun launch (in place), so that every
+    process applies the update of the whole global batch."""
     c = centres.float()
     e, p, q = result.embeddings, result.labels, result.nearest_negative
     a = result.active.float()
@@ -109,9 +113,14 @@ def centre_delta(result: TCResult, centres: torch.Tensor) -> torch.Tensor:
     w_pos = F.one_hot(p, k).float() * a[:, None]                  # [L_i>0][p_i=j], (M, K)
     w_neg = F.one_hot(q, k).float() * a[:, None]                  # [L_i>0][q_i=j]
     n_pos, n_neg = w_pos.sum(0), w_neg.sum(0)                      # (K,)
+    s_pos, s_neg = w_pos.t() @ e, w_neg.t() @ e                    # (K, d)
+    if reduce is not None:
+        packed = reduce(torch.cat([s_pos, s_neg, n_pos[:, None], n_neg[:, None]], 1))
+        d = e.shape[1]
+        s_pos, s_neg, n_pos, n_neg = packed[:, :d], packed[:, d:2 * d], packed[:, 2 * d], packed[:, 2 * d + 1]
     # sum_i w_ij (e_i - c_j) = (W^T E)_j - n_j c_j
-    pos = (w_pos.t() @ e - n_pos[:, None] * c) / (1.0 + n_pos)[:, None]
-    neg = (w_neg.t() @ e - n_neg[:, None] * c) / (1.0 + n_neg)[:, None]
+    pos = (s_pos - n_pos[:, None] * c) / (1.0 + n_pos)[:, None]
+    neg = (s_neg - n_neg[:, None] * c) / (1.0 + n_neg)[:, None]
     return pos - neg
 
 
@@ -143,12 +152,13 @@ class TripletCentreLoss(nn.Module):
         return res
 
     @torch.no_grad()
-    def update_centres(self) -> torch.Tensor | None:
-        """Apply eq. 12 for the last training forward; returns the applied ``Delta`` (or None)."""
+    def update_centres(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Apply eq. 12 for the last training forward; returns the applied ``Delta`` (or None). ``reduce``:
+        see :func:`centre_delta` (every process must call this, also with an empty batch share)."""
         res, self._pending = self._pending, None
-        if res is None or res.labels.numel() == 0:
+        if res is None or (res.labels.numel() == 0 and reduce is None):
             return None
-        delta = centre_delta(res, self.centres)
+        delta = centre_delta(res, self.centres, reduce)
         self.centres.add_(delta.to(self.centres.dtype), alpha=self.centre_lr)
         return delta
 

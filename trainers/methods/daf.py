@@ -68,14 +68,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
-import sys
-from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ferengine import checkpoint as ckpt
@@ -84,101 +81,85 @@ from ferengine.models import create_model
 from ferengine.models.daf import daf_cnn
 from ferengine.preprocess import InputSpec
 
-from .engine import Batch, DataInfo, Method, TrainError, json_object
-from .engine import main as engine_main
-from .losses.tc import TripletCentreLoss
+from ..engine import Batch, DataInfo, Method, TrainError, opt
+from ..losses.ce import masked_cross_entropy
+from ..losses.tc import TripletCentreLoss
+from . import register_method
 
 log = logging.getLogger("trainers.daf")
 
-__all__ = ["DAF", "DATA_DEFAULTS", "main"]
+__all__ = ["DAF"]
 
 ARCH = "daf_cnn"
-# per-dataset paper settings (section 4.2); anything not listed uses DAF.defaults (the FER2013 ones)
-DATA_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fer2013": dict(batch_size=128, margin=11.0, lam=0.007),
-    "sfew": dict(batch_size=32, margin=13.0, lam=0.013, out="runs/daf_sfew"),
-}
 
 
+@register_method
 class DAF(Method):
     """DAF-CNN: VGG-style CNN + 3D attention, trained with cross-entropy + lambda x triplet-centre loss."""
 
     name = "daf"
+    paper = ("Zhou, Fan, Tjahjadi, Das Choudhury: Discriminative Attention-augmented Feature Learning for Facial "
+             "Expression Recognition in the Wild (papers/daf_cnn.md)")
+
+    @dataclass
+    class Config:
+        stage: Literal["tc", "ce"] = opt("tc", help="tc: CE + lambda * TC (eq. 13; DAF-CNN, and SFEW fine-tuning); "
+                                                    "ce: cross-entropy only (the SFEW recipe's FER2013 pre-training, "
+                                                    "Table 1's NOtcl rows)")
+        attention: bool | None = opt(None, help="the 3D attention module (none given: on, or as in --init's "
+                                                "checkpoint); --no-attention is Table 1's NOatt ablation")
+        margin: float = opt(11.0, help="TC margin m")
+        lam: float = opt(0.007, help="TC weight lambda in CE + lambda TC")
+        ce_weight: float = opt(1.0, help="weight of the cross-entropy term (0: TC alone, the literal 'softmax "
+                                         "replaced by TC')")
+        centre_lr: float = opt(0.5, help="centre update rate alpha (eq. 12)")
+        centre_init_std: float = opt(0.01, help="centres start as N(0, std^2)")
+        tc_reduction: Literal["sum", "mean"] = opt(
+            "mean", help="TC over the batch: mean (trains; see the module notes) or sum (eq. 9 as printed: with "
+                         "lambda 0.007 it swamps CE and stalls training)")
+        init: str | None = opt(None, metavar="CKPT", help="start from this checkpoint's weights and architecture "
+                                                          "(SFEW: a FER2013 model)")
+        embedding_dim: int | None = opt(None, help="size of FC_1, the TC embedding (none given: 512)")
+        width: float | None = opt(None, help="multiplier of the channel widths 64..512 (none given: 1)")
+        dropout: float = opt(0.5, help="dropout before each of the two FC layers")
+        arch_kwargs: dict[str, Any] = opt(factory=dict, metavar="JSON",
+                                          help="further daf_cnn arguments: head_pool (flatten|avg), embedding_relu, "
+                                               "attention_mlp_act (relu|none), reduction, spatial_kernel")
+
+    # section 4.2; the plateau threshold is 0.05 because the engine measures accuracy in percent (0.0005)
     defaults = dict(
         epochs=100, batch_size=128, optimizer="adam", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0,
         scheduler="plateau", plateau_patience=13, plateau_threshold=0.05, plateau_factor=0.2, min_lr=1e-5,
         reload_best=True, best_metric="accuracy", label_smoothing=0.0,
         augment="standard", aug={"brightness": 0.0, "contrast": 0.0, "erase": 0.0},
-        out="runs/daf", margin=11.0, lam=0.007,
     )
-
-    @classmethod
-    def for_data(cls, data: str | None) -> type["DAF"]:
-        """This method with ``data``'s paper settings as its defaults (FER2013's for other datasets)."""
-        try:
-            from trainers.data import canonical_name
-
-            key = canonical_name(data) if data else "fer2013"
-        except Exception:  # unknown name: the engine reports it properly later
-            key = "fer2013"
-        over = DATA_DEFAULTS.get(key, {})
-        if not over:
-            return cls
-        return type(cls.__name__, (cls,), {"defaults": {**cls.defaults, **over}, "__doc__": cls.__doc__,
-                                            "__module__": cls.__module__})
+    table = {
+        "fer2013": dict(batch_size=128, margin=11.0, lam=0.007),
+        "sfew": dict(batch_size=32, margin=13.0, lam=0.013, out="runs/daf_sfew"),
+    }
 
     @classmethod
     def add_args(cls, parser: argparse._ActionsContainer) -> None:
-        parser.add_argument("--stage", choices=("tc", "ce"), default="tc",
-                            help="tc: CE + lambda * TC (eq. 13; DAF-CNN, and SFEW fine-tuning); ce: cross-entropy "
-                                 "only (the SFEW recipe's FER2013 pre-training, Table 1's NOtcl rows)")
-        parser.add_argument("--no-tc", dest="stage", action="store_const", const="ce",
+        parser.add_argument("--no-tc", dest="stage", action="store_const", const="ce", default=argparse.SUPPRESS,
                             help="ablation: no triplet-centre loss (same as --stage ce)")
-        parser.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None,
-                            help="the 3D attention module (default: on, or as in --init's checkpoint); "
-                                 "--no-attention is Table 1's NOatt ablation")
-        parser.add_argument("--margin", type=float, help="TC margin m (FER2013 11, SFEW 13)")
-        parser.add_argument("--lam", type=float, help="TC weight lambda in CE + lambda TC (FER2013 0.007, SFEW 0.013)")
-        parser.add_argument("--ce-weight", type=float, default=1.0,
-                            help="weight of the cross-entropy term (0: TC alone, the literal 'softmax replaced by TC')")
-        parser.add_argument("--centre-lr", type=float, default=0.5, help="centre update rate alpha (eq. 12)")
-        parser.add_argument("--centre-init-std", type=float, default=0.01, help="centres start as N(0, std^2)")
-        parser.add_argument("--tc-reduction", choices=("sum", "mean"), default="mean",
-                            help="TC over the batch: mean (default: trains; see the module notes) or sum "
-                                 "(eq. 9 as printed: with lambda 0.007 it swamps CE and stalls training)")
-        parser.add_argument("--init", metavar="CKPT", default=None,
-                            help="start from this checkpoint's weights and architecture (SFEW: a FER2013 model)")
-        parser.add_argument("--embedding-dim", type=int, default=None, help="size of FC_1, the TC embedding (512)")
-        parser.add_argument("--width", type=float, default=None, help="multiplier of the channel widths 64..512 (1)")
-        parser.add_argument("--dropout", type=float, default=0.5, help="dropout before each of the two FC layers")
-        parser.add_argument("--arch-kwargs", type=json_object, default={}, metavar="JSON",
-                            help="further daf_cnn arguments: head_pool (flatten|avg), embedding_relu, "
-                                 "attention_mlp_act (relu|none), reduction, spatial_kernel")
 
     # ------------------------------------------------------------------ building
     @property
     def use_tc(self) -> bool:
-        return self.cfg.extra.get("stage", "tc") == "tc"
-
-    def _resolved(self, key: str) -> Any:
-        v = self.cfg.extra.get(key)
-        if v is None:
-            v = DATA_DEFAULTS["fer2013"][key]
-        return v
+        return self.opts.stage == "tc"
 
     def build_model(self, data: DataInfo) -> nn.Module:
-        x = self.cfg.extra
+        o = self.opts
         kwargs: dict[str, Any] = {
             "num_classes": data.num_classes, "in_chans": self.cfg.channels or 1,
-            "attention": True if x.get("attention") is None else bool(x["attention"]),
-            "embedding_dim": x.get("embedding_dim") or 512, "dropout": float(x.get("dropout", 0.5)),
-            "width": x.get("width") or 1.0, "input_size": self.cfg.input_size or 96,
+            "attention": True if o.attention is None else bool(o.attention),
+            "embedding_dim": o.embedding_dim or 512, "dropout": float(o.dropout),
+            "width": o.width or 1.0, "input_size": self.cfg.input_size or 96,
         }
-        kwargs.update(x.get("arch_kwargs") or {})
-        init = x.get("init")
+        kwargs.update(o.arch_kwargs or {})
         state = None
-        if init:
-            kwargs, state = self._from_init(init, kwargs, data)
+        if o.init:
+            kwargs, state = self._from_init(o.init, kwargs, data)
         elif self.cfg.data and "sfew" in str(self.cfg.data).lower():
             log.warning("training on SFEW from scratch; the paper fine-tunes a FER2013 model (--init CKPT)")
         self.arch = ARCH
@@ -188,7 +169,7 @@ class DAF(Method):
             raise TrainError(f"cannot build {ARCH} with {kwargs}: {exc}") from None
         if state is not None:
             model.load_state_dict(state)
-            log.info("initialised from %s", init)
+            log.info("initialised from %s", o.init)
         self.arch_kwargs = kwargs
         return model
 
@@ -201,9 +182,9 @@ class DAF(Method):
         if info.arch != ARCH:
             raise TrainError(f"--init {path}: a {info.arch!r} checkpoint; DAF-CNN fine-tunes a {ARCH!r} one")
         ik = dict(info.arch_kwargs)
-        x = self.cfg.extra
-        given = {"attention": x.get("attention"), "embedding_dim": x.get("embedding_dim"), "width": x.get("width"),
-                 "in_chans": self.cfg.channels, "input_size": self.cfg.input_size, **(x.get("arch_kwargs") or {})}
+        o = self.opts
+        given = {"attention": o.attention, "embedding_dim": o.embedding_dim, "width": o.width,
+                 "in_chans": self.cfg.channels, "input_size": self.cfg.input_size, **(o.arch_kwargs or {})}
         sig = inspect.signature(daf_cnn).parameters
         effective = {**{k: p.default for k, p in sig.items()}, **ik}  # the checkpoint's, defaults included
         clash = {k: (v, effective.get(k)) for k, v in given.items()
@@ -231,38 +212,36 @@ class DAF(Method):
 
     def setup(self) -> None:
         self.tc: TripletCentreLoss | None = None
+        o = self.opts
         if self.use_tc:
-            x = self.cfg.extra
             g = torch.Generator().manual_seed(self.cfg.seed + 104729)
             self.tc = TripletCentreLoss(
-                self.trainer.data.num_classes, self.model.feature_dim, margin=self._resolved("margin"),
-                centre_lr=float(x.get("centre_lr", 0.5)), reduction=x.get("tc_reduction", "mean"),
-                init_std=float(x.get("centre_init_std", 0.01)), generator=g).to(self.device)
-        log.info("DAF-CNN: stage %s (%s), attention %s%s", "tc" if self.use_tc else "ce",
+                self.trainer.data.num_classes, self.model.feature_dim, margin=o.margin, centre_lr=o.centre_lr,
+                reduction=o.tc_reduction, init_std=o.centre_init_std, generator=g).to(self.device)
+        log.info("DAF-CNN: stage %s (%s), attention %s%s", o.stage,
                  "CE + lambda TC" if self.use_tc else "cross-entropy only", self.arch_kwargs.get("attention"),
-                 f", m={self.tc.margin:g}, lambda={self._resolved('lam'):g}, centre lr {self.tc.centre_lr:g}, "
-                 f"reduction {self.tc.reduction}" if self.tc is not None else "")
+                 f", m={o.margin:g}, lambda={o.lam:g}, centre lr {o.centre_lr:g}, reduction {o.tc_reduction}"
+                 if self.tc is not None else "")
 
     # ------------------------------------------------------------------ loop
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         out = self.model(batch.input)
-        valid = batch.label >= 0
-        ce = F.cross_entropy(out["logits"].float()[valid], batch.label[valid], label_smoothing=self.cfg.label_smoothing)
-        ce_w = float(self.cfg.extra.get("ce_weight", 1.0))
+        ce = masked_cross_entropy(out["logits"], batch.label, self.cfg.label_smoothing)
+        ce_w = float(self.opts.ce_weight)
         logs: dict[str, torch.Tensor] = {"ce": ce.detach()}
         loss = ce * ce_w if ce_w != 1.0 else ce
         if self.tc is not None:
             self.tc.train()
             r = self.tc(out["embedding"].float(), batch.label)
-            loss = loss + float(self._resolved("lam")) * r.loss
+            loss = loss + float(self.opts.lam) * r.loss
             logs.update(tc=r.loss.detach(), tc_active=r.active_fraction,
                         centre_norm=self.tc.centres.norm(dim=1).mean())
         logs["loss"] = loss
         return logs
 
     def after_step(self, batch: Batch, logs: dict[str, torch.Tensor]) -> None:
-        if self.tc is not None:
-            self.tc.update_centres()  # eq. 12, with the centres and embeddings of this step's forward
+        if self.tc is not None:  # eq. 12, with the centres and embeddings of this step's forward (whole batch)
+            self.tc.update_centres(self.trainer.all_reduce_ if self.trainer.dist.enabled else None)
 
     # ------------------------------------------------------------------ state (centres)
     def state_dict(self) -> dict[str, Any]:
@@ -274,31 +253,3 @@ class DAF(Method):
         if "centres" not in state:
             raise TrainError("the saved state has no TC centres (a --stage ce run?); resume it with --stage ce")
         self.tc.load_state_dict({"centres": state["centres"]})
-
-
-def _data_of(argv: Sequence[str]) -> str | None:
-    """``--data`` from the command line, or (``--resume``) from the run's args.json."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--data")
-    pre.add_argument("--out")
-    pre.add_argument("--resume", action="store_true")
-    ns, _ = pre.parse_known_args(list(argv))
-    if ns.data:
-        return ns.data
-    if ns.resume:
-        out = Path(ns.out or DAF.defaults["out"])
-        try:
-            return json.loads((out / "args.json").read_text())["config"]["data"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return None
-
-
-def main(argv: Sequence[str] | None = None, **kwargs: Any) -> int:
-    """``python -m trainers.daf``: the engine's command line with the dataset's paper defaults."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return engine_main(DAF.for_data(_data_of(argv)), argv, **kwargs)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

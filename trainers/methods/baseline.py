@@ -27,88 +27,64 @@ settings, chosen to be safe rather than tuned):
 """
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ferengine.models import create_model, list_models
 
-from .engine import Batch, DataInfo, Method, TrainError, json_object, main
+from ..engine import Batch, DataInfo, Method, TrainError, opt
+from ..losses.ce import classification_loss, va_loss
+from . import register_method
 
 __all__ = ["Baseline", "classification_loss", "va_loss"]
 
 
-def classification_loss(logits: torch.Tensor, label: torch.Tensor, soft: torch.Tensor | None = None,
-                        label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy, averaged over the items that have a target (label -1 / all-zero soft row = none)."""
-    logits = logits.float()
-    if soft is not None:
-        mass = soft.sum(1)
-        valid = mass > 0
-        target = soft / mass.clamp_min(1e-12).unsqueeze(1)
-        if label_smoothing > 0:
-            target = target * (1 - label_smoothing) + label_smoothing / logits.shape[1]
-        per = -(target * F.log_softmax(logits, 1)).sum(1)
-    else:
-        valid = label >= 0
-        per = F.cross_entropy(logits, label.clamp_min(0), reduction="none", label_smoothing=label_smoothing)
-    w = valid.float()
-    return (per * w).sum() / w.sum().clamp_min(1.0)
-
-
-def va_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the finite valence/arousal targets."""
-    ok = torch.isfinite(target)
-    diff = torch.where(ok, pred.float() - torch.nan_to_num(target), torch.zeros_like(pred, dtype=torch.float32))
-    return (diff ** 2).sum() / ok.sum().clamp_min(1)
-
-
+@register_method
 class Baseline(Method):
     """Plain cross-entropy training of any registered backbone (fastcnn, resnet18, ...)."""
 
     name = "baseline"
+    datasets = ("fer2013", "ferplus", "rafdb", "affectnet", "sfew", "afew-va", "affwild2", "folder")
+
+    @dataclass
+    class Config:
+        arch: str = opt("fastcnn", help=f"registered architecture: {', '.join(list_models())}")
+        arch_kwargs: dict[str, Any] = opt(factory=dict, metavar="JSON",
+                                          help="constructor arguments, e.g. '{\"width\": 0.5}' (num_classes, in_chans "
+                                               "and av_head are set from the data unless given)")
+        targets: Literal["auto", "hard", "soft"] = opt(
+            "auto", help="auto: the vote distribution when the dataset has one, else the labels")
+        va_weight: float = opt(1.0, help="weight of the valence/arousal MSE (datasets with AV labels)")
+        init: str | None = opt(None, metavar="CKPT",
+                               help="start from this checkpoint's weights (fine-tuning or a warm restart); its "
+                                    "architecture and arguments replace --arch/--arch-kwargs")
+
     defaults = dict(
         epochs=60, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
         scheduler="cosine", warmup_epochs=2.0, label_smoothing=0.1, augment="standard", best_metric="accuracy",
-        out="runs/baseline",
     )
 
-    @classmethod
-    def add_args(cls, parser: argparse._ActionsContainer) -> None:
-        parser.add_argument("--arch", default="fastcnn", help=f"registered architecture: {', '.join(list_models())}")
-        parser.add_argument("--arch-kwargs", type=json_object, default={}, metavar="JSON",
-                            help="constructor arguments, e.g. '{\"width\": 0.5}' (num_classes, in_chans and "
-                                 "av_head are set from the data unless given)")
-        parser.add_argument("--targets", choices=("auto", "hard", "soft"), default="auto",
-                            help="auto: the vote distribution when the dataset has one, else the labels")
-        parser.add_argument("--va-weight", type=float, default=1.0,
-                            help="weight of the valence/arousal MSE (datasets with AV labels)")
-        parser.add_argument("--init", metavar="CKPT", default=None,
-                            help="start from this checkpoint's weights (fine-tuning or a warm restart); its "
-                                 "architecture and arguments replace --arch/--arch-kwargs")
-
     def build_model(self, data: DataInfo) -> nn.Module:
-        x = self.cfg.extra
+        o = self.opts
         kwargs: dict[str, Any] = {"num_classes": data.num_classes, "in_chans": data.channels}
         if data.has_va:
             kwargs["av_head"] = True
-        kwargs.update(x.get("arch_kwargs") or {})
-        self.arch = x.get("arch", "fastcnn")
-        if x.get("init"):
-            model, self.arch, kwargs = _init_from(x["init"], data)
+        kwargs.update(o.arch_kwargs or {})
+        self.arch = o.arch
+        if o.init:
+            model, self.arch, kwargs = _init_from(o.init, data)
         else:
             try:
                 model = create_model(self.arch, **kwargs)
             except (KeyError, TypeError, ValueError) as exc:
                 raise TrainError(f"cannot build --arch {self.arch} with {kwargs}: {exc}") from None
         self.arch_kwargs = kwargs
-        targets = x.get("targets", "auto")
-        if targets == "soft" and not data.has_soft:
+        if o.targets == "soft" and not data.has_soft:
             raise TrainError(f"--targets soft: {data.name} has no vote distribution (soft labels)")
-        self.use_soft = data.has_soft and targets in ("auto", "soft")
+        self.use_soft = data.has_soft and o.targets in ("auto", "soft")
         return model
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -123,7 +99,7 @@ class Baseline(Method):
         if "va" in out and batch.va is not None:
             mse = va_loss(out["va"], batch.va)
             logs["va_mse"] = mse
-            loss = loss + float(self.cfg.extra.get("va_weight", 1.0)) * mse
+            loss = loss + float(self.opts.va_weight) * mse
         logs["loss"] = loss
         return logs
 
@@ -142,7 +118,3 @@ def _init_from(path: str, data: DataInfo) -> tuple[nn.Module, str, dict[str, Any
     if info.input.channels != data.channels:
         raise TrainError(f"--init {path}: a {info.input.channels}-channel model for {data.channels}-channel data")
     return loaded.model.train(), info.arch, dict(info.arch_kwargs)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(Baseline))
