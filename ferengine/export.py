@@ -293,7 +293,7 @@ def build_tensorrt_engine(
     there is no CUDA GPU, :class:`ExportError` when the ONNX file does not parse or the build fails.
     Engines are specific to the GPU model and TensorRT version that built them.
     """
-    from .backends.tensorrt_backend import import_tensorrt
+    from .trt import import_tensorrt
 
     trt = import_tensorrt()
     reason = cuda_reason()

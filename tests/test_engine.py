@@ -23,6 +23,8 @@ from trainers.baseline import Baseline
 from trainers.engine import Method, TrainConfig, Trainer, TrainError
 from trainers.modules import LabelledQueue, MomentumPairs, frozen_copy
 
+from conftest import Kill, KillAt, deep_diff
+
 try:  # the real dataset class when trainers.data is there; the engine only relies on its attributes
     from trainers.data import FaceDataset
 except ImportError:  # pragma: no cover
@@ -81,26 +83,6 @@ def state_equal(a: dict, b: dict) -> list[str]:
     """Names of tensors that differ (bitwise)."""
     assert a.keys() == b.keys()
     return [k for k in a if not torch.equal(a[k], b[k])]
-
-
-class Kill(Exception):
-    pass
-
-
-class KillAt:
-    """Simulates a crash: raises at a given step of an epoch, or after an epoch's metrics row is logged
-    (before its state.pt is written)."""
-
-    def __init__(self, epoch: int, step: int | None = None):
-        self.epoch, self.step = epoch, step
-
-    def on_step_end(self, trainer, epoch, step):
-        if self.step is not None and epoch == self.epoch and step == self.step:
-            raise Kill(f"killed at epoch {epoch} step {step}")
-
-    def on_epoch_end(self, trainer, epoch, row):
-        if self.step is None and epoch == self.epoch:
-            raise Kill(f"killed after logging epoch {epoch}")
 
 
 # --------------------------------------------------------------------------------------- augmentation
@@ -236,23 +218,6 @@ def _run(out, method, kill=None, resume=False, **kw):
 def _csv_epochs(out: Path) -> list[int]:
     with open(out / "metrics.csv", newline="") as fh:
         return [int(r["epoch"]) for r in csv.DictReader(fh)]
-
-
-def deep_diff(a, b, path="") -> list[str]:
-    """Paths where two nested state structures differ (tensors compared bitwise)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ok = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-        return [] if ok else [path]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return [f"{path} keys {sorted(map(str, a))} != {sorted(map(str, b))}"]
-        return [d for k in a for d in deep_diff(a[k], b[k], f"{path}/{k}")]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [f"{path} length"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in deep_diff(x, y, f"{path}[{i}]")]
-    same = a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
-    return [] if same else [f"{path}: {a!r} != {b!r}"]
 
 
 def _check_identical(a_out: Path, b_out: Path):

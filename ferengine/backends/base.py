@@ -17,6 +17,7 @@ import numpy as np
 from ..device import cuda_reason
 from ..errors import BackendUnavailable
 from ..graph import output_names
+from ..trt import TENSORRT_INSTALL_HINT
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import LoadedModel
@@ -28,7 +29,6 @@ __all__ = ["BACKENDS", "TENSORRT_INSTALL_HINT", "Backend", "BackendUnavailable",
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
-TENSORRT_INSTALL_HINT = "pip install 'fer-desktop[tensorrt]', NVIDIA GPU required"
 
 
 class Backend(abc.ABC):

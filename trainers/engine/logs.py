@@ -113,7 +113,7 @@ class _CurrentStderrHandler(logging.StreamHandler):
 
 def setup_logging(out: Path | None, rank: int = 0) -> Callable[[], None]:
     """Console logging at INFO and, with ``out``, a ``train.log`` file handler (main process only; the other
-    processes of a torchrun launch log warnings and errors, prefixed with their rank).
+    processes of a torchrun launch log only errors, prefixed with their rank).
 
     Returns a function that undoes both (handlers removed, the root level restored), so that a trainer
     run in-process (tests, notebooks) leaves the caller's logging as it found it.
@@ -126,8 +126,8 @@ def setup_logging(out: Path | None, rank: int = 0) -> Callable[[], None]:
         prefix = f"[rank {rank}] " if rank else ""
         h.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%H:%M:%S"))
         h._fer_engine = True  # type: ignore[attr-defined]
-        if rank:
-            h.setLevel(logging.WARNING)
+        if rank:  # the main process says it all once
+            h.setLevel(logging.ERROR)
         added.append(h)
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -131,8 +131,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
+            unused = self.method.manual_optimization or self.method.unused_parameters
             self._ddp = DistributedDataParallel(_StepModule(self.model), device_ids=ids,
-                                                find_unused_parameters=True)
+                                                find_unused_parameters=unused)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model: %s %s (%.2fM params), input %s; device %s%s%s", self.method.arch or type(self.model).__name__,
                  self.method.arch_kwargs, n_params / 1e6, self.spec.to_dict(), self.device,
@@ -366,12 +367,25 @@ class Trainer:
             for cb in self.callbacks:
                 if hasattr(cb, "on_epoch_end"):
                     cb.on_epoch_end(self, epoch, row)
+            self._check_in_step()
             if cfg.time_budget > 0:
                 durations.append(logs.clock() - t_epoch)
                 self._fit_to_budget(epoch, requested, logs.clock() - started, durations)
             files.save_state(self)
         self.metrics_log.close()
         return row
+
+    def _check_in_step(self) -> None:
+        """Under torchrun: every process must hold the same weights (a method that changed them outside the
+        DDP pass, or a process that skipped a step, would otherwise go unnoticed)."""
+        if not self.dist.enabled:
+            return
+        with torch.no_grad():
+            sums = [float(p.double().sum()) for p in self.model.parameters()]
+        seen = self.dist.all_gather_object(sums)
+        if any(s != seen[0] for s in seen[1:]):
+            raise TrainError(f"the {self.dist.world_size} processes hold different weights after epoch {self.epoch}; "
+                             f"{self.method.name} must change its parameters only through trainer.step / the DDP pass")
 
     def _maybe_start_stage(self, epoch: int) -> None:
         i = self.plan.index_at(epoch)

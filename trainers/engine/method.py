@@ -70,9 +70,14 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}                   # TrainConfig fields -> the method's values
     table: ClassVar[dict[str, dict[str, Any]]] = {}           # dataset -> the paper's settings for it
     datasets: ClassVar[tuple[str, ...]] = ()                  # datasets it is meant for (default: table's)
+    test_args: ClassVar[tuple[str, ...]] = ()                 # flags for a tiny, fast run (tests/test_methods.py)
+    test_data: ClassVar[str] = "fer2013"                      # the dataset fixture tests/test_methods.py uses
     views: ClassVar[int] = 1                                  # augmented views per image (ECAN: 2)
     manual_optimization: ClassVar[bool] = False               # training_step calls trainer.step() itself
     momentum: ClassVar[tuple[float, float | None]] = (0.999, None)  # momentum pairs: base (, final on a cosine)
+    unused_parameters: ClassVar[bool] = False                 # some steps leave parameters without gradient
+                                                              # (torchrun: DDP must look for them; implied by
+                                                              # manual_optimization)
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

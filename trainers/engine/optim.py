@@ -218,6 +218,7 @@ class StagePlan:
             if s.epochs < 1:
                 raise TrainError(f"stage {s.name!r} has {s.epochs} epochs; each stage needs at least 1")
         self.stages = [Stage(**asdict(s)) for s in stages]
+        self.planned = [s.epochs for s in self.stages]  # as configured; what a time budget scales
 
     @property
     def total(self) -> int:
@@ -236,32 +237,31 @@ class StagePlan:
         return max(0, bisect.bisect_right(self.starts(), epoch) - 1)
 
     def fit(self, done: int, total: int) -> int:
-        """Shrink (or restore) the stages after epoch ``done`` so that the run ends at ``total`` epochs, in
-        proportion to their planned lengths; every stage not begun keeps >= 1 epoch. Returns the new total
-        (more than ``total`` when the stages to come need more epochs than it leaves)."""
-        i = self.index_at(done + 1) if done < self.total else len(self.stages)
-        if i >= len(self.stages):
+        """Re-plan the stages after epoch ``done`` so that the run ends at ``total`` epochs: the stages not
+        finished share what is left in proportion to their *planned* lengths (a plan of 50, 20, 20 cut to 45
+        epochs becomes 25, 10, 10), the current one keeping at least the epochs it has run and every stage to
+        come at least one. Returns the new total (more than ``total`` when the minimums need it)."""
+        if done >= self.total:
             return self.total
+        i = self.index_at(done + 1)
         starts = self.starts()
-        in_current = done - (starts[i] - 1)  # epochs of stage i already run
-        rest = [self.stages[i].epochs - in_current] + [s.epochs for s in self.stages[i + 1:]]
-        minimum = [0 if in_current > 0 else 1] + [1] * (len(rest) - 1)
-        budget = max(total - done, sum(minimum))
-        weight = sum(rest)
-        share = [max(m, int(budget * r / weight)) for m, r in zip(minimum, rest)]
-        order = sorted(range(len(rest)), key=lambda j: -(budget * rest[j] / weight - int(budget * rest[j] / weight)))
+        ran = done - (starts[i] - 1)  # epochs of stage i already run
+        fixed = starts[i] - 1          # epochs of the stages before i
+        planned = self.planned[i:]
+        minimum = [max(ran, 1)] + [1] * (len(planned) - 1)
+        budget = max(total - fixed, sum(minimum))
+        ideal = [budget * p / sum(planned) for p in planned]
+        share = [max(m, int(x)) for m, x in zip(minimum, ideal)]
+        order = sorted(range(len(share)), key=lambda j: int(ideal[j]) - ideal[j])  # largest remainder first
         k = 0
-        while sum(share) < budget:  # largest remainders first
+        while sum(share) < budget:
             share[order[k % len(order)]] += 1
             k += 1
         while sum(share) > budget:  # minimums pushed it over: take from the longest above its minimum
             j = max((j for j in range(len(share)) if share[j] > minimum[j]), key=lambda j: share[j])
             share[j] -= 1
-        self.stages[i].epochs = in_current + share[0]
-        for s, n in zip(self.stages[i + 1:], share[1:]):
+        for s, n in zip(self.stages[i:], share):
             s.epochs = n
-        if self.stages[i].epochs == 0:  # cannot happen (minimum), kept as a guard
-            self.stages[i].epochs = 1
         return self.total
 
     def resumed(self, saved: Sequence[int], done: int) -> None:

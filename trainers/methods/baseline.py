@@ -47,6 +47,7 @@ class Baseline(Method):
     """Plain cross-entropy training of any registered backbone (fastcnn, resnet18, ...)."""
 
     name = "baseline"
+    test_args = ("--arch-kwargs", '{"width": 0.25}')
     datasets = ("fer2013", "ferplus", "rafdb", "affectnet", "sfew", "afew-va", "affwild2", "folder")
 
     @dataclass

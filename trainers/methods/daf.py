@@ -101,6 +101,8 @@ class DAF(Method):
     paper = ("Zhou, Fan, Tjahjadi, Das Choudhury: Discriminative Attention-augmented Feature Learning for Facial "
              "Expression Recognition in the Wild (papers/daf_cnn.md)")
 
+    test_args = ("--input-size", "32", "--width", "0.125", "--embedding-dim", "32", "--batch-size", "8")
+
     @dataclass
     class Config:
         stage: Literal["tc", "ce"] = opt("tc", help="tc: CE + lambda * TC (eq. 13; DAF-CNN, and SFEW fine-tuning); "
