@@ -286,3 +286,56 @@ def test_onnx_export_matches_torch(name, av_head, tmp_path):
             diff = np.abs(got[k] - ref[k]).max()
             assert diff < 1e-4, f"{k} at batch {n}: max abs diff {diff:.2e}"
         np.testing.assert_allclose(got["probs"].sum(1), 1.0, atol=1e-5)
+
+
+class _Vote(torch.nn.Module):
+    """Two heads whose class probabilities the model averages itself (as ESR's ensemble does)."""
+
+    feature_names = ("conv",)
+
+    def __init__(self, num_classes: int = 7, in_chans: int = 1, av_head: bool = False):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(in_chans, 4, 3, padding=1), torch.nn.ReLU())
+        self.a, self.b = torch.nn.Linear(4, num_classes), torch.nn.Linear(4, num_classes)
+        self.heads = ("expression",)
+        self.default_input = {"size": 24, "channels": in_chans}
+
+    def forward_features(self, x):
+        return {"conv": self.conv(x)}
+
+    def forward_head(self, f):
+        v = f["conv"].mean((2, 3))
+        la, lb = self.a(v), self.b(v)
+        return {"logits_a": la, "logits_b": lb, "probs": (torch.softmax(la, 1) + torch.softmax(lb, 1)) / 2}
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_a_model_giving_its_own_probs_is_deployed_with_them(tmp_path):
+    import onnxruntime as ort
+
+    def _test_vote(num_classes: int = 7, in_chans: int = 1):
+        """Vote test model."""
+        return _Vote(num_classes, in_chans)
+
+    register_model(_test_vote, cfg=ModelCfg(input={"size": 24, "channels": 1}, features=("conv",), head_kwargs=False))
+    try:
+        check_contract("_test_vote")
+        check_batch_independence("_test_vote")
+        check_only_inference_parts("_test_vote")
+        torch.manual_seed(0)
+        model = create_model("_test_vote").eval()
+        info = ck.CheckpointInfo(arch="_test_vote", arch_kwargs={}, labels=[f"c{i}" for i in range(7)],
+                                 heads=["expression"], input=InputSpec(size=24, channels=1))
+        loaded = ck.load(ck.save(tmp_path / "v.safetensors", model, info))
+        x = _x(model, 4, seed=1)
+        with torch.no_grad():
+            out = loaded.model(x)
+            (probs,) = InferenceModule(loaded.model)(x)
+        torch.testing.assert_close(probs, out["probs"])
+        assert not torch.allclose(probs, torch.softmax(out["logits_a"], 1)), "the vote, not one head's softmax"
+        sess = ort.InferenceSession(str(export_onnx(loaded, tmp_path / "v.onnx")), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(sess.run(["probs"], {"input": x.numpy()})[0], probs.numpy(), atol=1e-5)
+    finally:
+        unregister_model("_test_vote")

@@ -120,6 +120,7 @@ def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, label
     ``gather``: under torchrun, every process evaluates its share and the results are combined."""
     from tqdm import tqdm
 
+    from trainers.losses.ce import masked_cross_entropy
     from trainers.metrics import classification_report, regression_report
 
     names = list(label_names) if match is None else list(match.names)
@@ -143,7 +144,7 @@ def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, label
             preds.setdefault(key, []).append(v.argmax(1).cpu())
             if k == main and bool(valid.any()):
                 if k == "logits":
-                    loss_sum += F.cross_entropy(v[valid], lab[valid], reduction="sum").double().cpu()
+                    loss_sum += masked_cross_entropy(v, lab, reduction="sum").double().cpu()
                 else:  # a model's own probabilities (an ensemble's vote); renormalised over the shared classes
                     p = v[valid]
                     if cols is not None:
