@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,7 +58,8 @@ def build_parser(method_cls: type[Method]) -> argparse.ArgumentParser:
         epilog.append("Per-dataset settings (the paper's; flags given win): " + "; ".join(
             f"{d}: " + ", ".join(f"{k}={v}" for k, v in row.items()) for d, row in method_cls.table.items()))
     parser = argparse.ArgumentParser(prog=f"python -m trainers.{method_cls.name}", description=doc.split("\n\n")[0],
-                                     epilog="\n".join(epilog) or None)
+                                     epilog="\n".join(textwrap.fill(e, 100, subsequent_indent="  ") for e in epilog) or None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     mdefaults = _method_defaults(method_cls)
     groups = {g: parser.add_argument_group(g) for g in _GROUPS}
     per_data = lambda name: {d: row[name] for d, row in method_cls.table.items() if name in row}  # noqa: E731
