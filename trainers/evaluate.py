@@ -337,15 +337,12 @@ def run_command(args: argparse.Namespace) -> int:
     from ferengine import checkpoint as ck
     from ferengine.fileio import atomic_write_json
 
-    from .engine.config import _kv
-
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
-    opts = dict(_kv(t) for t in args.data_opt)
+    opts = dict(args.data_opt)
     path = Path(args.checkpoint) if args.checkpoint else ck.default_checkpoint_path()
-    device = "cpu" if args.device == "auto" and args.backend in ("auto", "onnxruntime") else args.device
     loaded = ck.load(path)
-    res = evaluate_checkpoint(loaded, args.data, args.data_dir, args.split, backend=args.backend, device=device,
+    res = evaluate_checkpoint(loaded, args.data, args.data_dir, args.split, backend=args.backend, device=args.device,
                               batch_size=args.batch_size, data_opts=opts, quiet=args.quiet)
     for note in res["notes"]:
         print(f"fer: note: {note}", file=sys.stderr)

@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "affwild2, folder")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset (default: $FER_DATA_DIR, else ./data)")
     p.add_argument("--split", required=True, help="split to evaluate, e.g. publictest, privatetest, val, test")
-    p.add_argument("--data-opt", action="append", default=[], metavar="KEY=VALUE", help="reader option, repeatable")
+    p.add_argument("--data-opt", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="reader option, repeatable (e.g. mode=distribution for ferplus)")
     p.add_argument("--json", metavar="OUT", help="also write the metrics (percent) to this JSON file")
     p.add_argument("--confusion-png", metavar="PNG", help="also draw the confusion matrix to this PNG file")
     p.add_argument("--batch-size", type=int, default=256, help="faces per inference call (default 256)")
@@ -23,6 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
                    help="inference backend (default: auto)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    from .engine.config import _kv
+
+    return _kv(text)
 
 
 def add_fer_command(subparsers: Any) -> None:
