@@ -86,8 +86,11 @@ def media_dir() -> Path:
     return MEDIA_DIR
 
 
-def write_fer2013(folder: Path, n_train: int = 160, n_val: int = 48, n_private: int = 0, seed: int = 0) -> Path:
-    """fer2013.csv (emotion,pixels,Usage) in Kaggle's format whose classes 0..3 are easy synthetic patterns."""
+def write_fer2013(folder: Path, n_train: int = 160, n_val: int = 48, n_private: int = 0, seed: int = 0,
+                  copies: int = 0) -> Path:
+    """fer2013.csv (emotion,pixels,Usage) in Kaggle's format whose classes 0..3 are easy synthetic patterns.
+    ``copies``: the first PublicTest rows take the pixels of Training rows 0, 1, ... (as the real file's do);
+    every third copy with another label than its Training twin."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:48, 0:48].astype(np.float64)
     rows = []
@@ -99,6 +102,9 @@ def write_fer2013(folder: Path, n_train: int = 160, n_val: int = 48, n_private: 
                  2 * np.exp(-((xx - 24) ** 2 + (yy - 24) ** 2) / 60.0) - 1][c]
             img = np.clip(128 + 60 * p + rng.normal(0, 20, (48, 48)), 0, 255).astype(np.uint8)
             rows.append((c, " ".join(map(str, img.reshape(-1))), usage))
+    for i in range(copies):
+        c, pixels, _ = rows[i]
+        rows[n_train + i] = ((c + 1) % 4 if i % 3 == 2 else c, pixels, "PublicTest")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "fer2013.csv"
     with open(path, "w", newline="") as fh:

@@ -39,6 +39,7 @@ __all__ = ["LABEL_POLICY", "LabelMatch", "match_labels", "evaluate", "evaluate_c
            "EvalError", "run_command", "main"]
 
 LABEL_POLICY = "by-name"
+NO_COPY = "no_copy"  # the subset of an evaluation split with no exact copy in the training data
 PERCENT_METRICS = ("accuracy", "mean_class_accuracy", "macro_f1")
 
 
@@ -114,10 +115,14 @@ def _flatten(prefix: str, d: Any, out: dict[str, Any]) -> None:
 @torch.no_grad()
 def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, label_names: Sequence[str], *,
              autocast: Callable[[], Any] = nullcontext, desc: str = "eval", match: LabelMatch | None = None,
-             gather: Callable[[Any], list[Any]] | None = None, quiet: bool = False) -> dict[str, Any]:
+             gather: Callable[[Any], list[Any]] | None = None, quiet: bool = False,
+             subsets: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Run ``step`` over ``batches`` and compute the metrics (module doc). ``label_names``: the dataset's
     classes; ``match``: how the outputs' columns map onto them (None: the same classes in the same order).
-    ``gather``: under torchrun, every process evaluates its share and the results are combined."""
+    ``gather``: under torchrun, every process evaluates its share and the results are combined.
+    ``subsets``: name -> bool mask over the dataset's items; each adds ``<name>_n``, ``<name>_accuracy``,
+    ``<name>_mean_class_accuracy``, ``<name>_macro_f1`` (and ``<name>_mean_ccc``, ``<name>_va_n``) computed on
+    the masked items only (e.g. ``no_copy``: the items with no exact copy in the training data)."""
     from tqdm import tqdm
 
     from trainers.losses.ce import masked_cross_entropy
@@ -126,7 +131,7 @@ def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, label
     names = list(label_names) if match is None else list(match.names)
     cols = None if match is None or match.identity else torch.as_tensor(match.cols, dtype=torch.int64)
     preds: dict[str, list[torch.Tensor]] = {}
-    labels, va_p, va_t = [], [], []
+    labels, index, va_p, va_t, va_i = [], [], [], [], []
     loss_sum, loss_n = torch.zeros((), dtype=torch.float64), 0
     for batch in tqdm(batches, desc=desc, leave=False, disable=True if quiet else None):
         with autocast():
@@ -152,16 +157,21 @@ def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, label
                     loss_sum += F.nll_loss(p.clamp_min(1e-12).log(), lab[valid], reduction="sum").double().cpu()
                 loss_n += int(valid.sum())
         labels.append(lab.cpu())
+        index.append(batch.index.cpu())
         if "va" in out and batch.va is not None:
             va_p.append(out["va"].float().cpu())
             va_t.append(batch.va.float().cpu())
+            va_i.append(batch.index.cpu())
     if gather is not None:  # every process's share -> the whole split
         parts = gather({"preds": {k: torch.cat(v) for k, v in preds.items()},
                         "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64),
+                        "index": torch.cat(index) if index else torch.zeros(0, dtype=torch.int64),
                         "va_p": torch.cat(va_p) if va_p else None, "va_t": torch.cat(va_t) if va_t else None,
-                        "loss_sum": loss_sum, "loss_n": loss_n})
+                        "va_i": torch.cat(va_i) if va_i else None, "loss_sum": loss_sum, "loss_n": loss_n})
         preds = {k: [p["preds"][k] for p in parts if k in p["preds"]] for k in parts[0]["preds"]}
         labels = [p["labels"] for p in parts]
+        index = [p["index"] for p in parts]
+        va_i = [p["va_i"] for p in parts if p["va_i"] is not None]
         va_p = [p["va_p"] for p in parts if p["va_p"] is not None]
         va_t = [p["va_t"] for p in parts if p["va_t"] is not None]
         loss_sum = sum((p["loss_sum"] for p in parts), torch.zeros((), dtype=torch.float64))
@@ -193,7 +203,54 @@ def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, label
             flat: dict[str, Any] = {}
             _flatten("", rep, flat)  # valence_rmse, ..., arousal_ccc, mean_ccc, va_n
             metrics.update(flat)
+    for name, mask in (subsets or {}).items():
+        metrics.update(_subset_metrics(name, np.asarray(mask, bool), torch.cat(index).numpy(), y,
+                                       torch.cat(preds["logits"]).numpy() if "logits" in preds else None, names,
+                                       (torch.cat(va_i).numpy(), torch.cat(va_p).numpy(), torch.cat(va_t).numpy())
+                                       if va_p else None))
     return metrics
+
+
+def _subset_metrics(name: str, mask: np.ndarray, idx: np.ndarray, y: np.ndarray, yp: np.ndarray | None,
+                    names: Sequence[str], va: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+    from trainers.metrics import classification_report, regression_report
+
+    out: dict[str, Any] = {}
+    sel = mask[idx]
+    if yp is not None and (y >= 0).any():
+        keep = sel & (y >= 0)
+        out[f"{name}_n"] = int(keep.sum())
+        if keep.any():
+            rep = classification_report(y[keep], yp[keep], list(names))
+            for k in PERCENT_METRICS:
+                out[f"{name}_{k}"] = 100.0 * float(rep[k])
+        else:
+            out.update({f"{name}_{k}": float("nan") for k in PERCENT_METRICS})
+    if va is not None:
+        vi, vp, vt = va
+        s = mask[vi] & np.isfinite(vt).all(1)
+        out[f"{name}_va_n"] = int(s.sum())
+        out[f"{name}_mean_ccc"] = float(regression_report(vt[s], vp[s])["mean_ccc"]) if s.sum() > 1 else float("nan")
+    return out
+
+
+def subset_table(metrics: dict[str, Any]) -> str:
+    """The whole split and its part with no exact copy in the training data, side by side."""
+    c = metrics.get("copies_in_train") or {}
+    train = c.get("train_split", "the training data")
+    rows = [("whole split", ""), (f"no copy in {train}", f"{NO_COPY}_")]
+    lines = [f"{'':<24} {'n':>6} {'accuracy':>9} {'mean class acc':>15} {'macro F1':>9}"]
+    for label, p in rows:
+        if f"{p}n" not in metrics:
+            continue
+        vals = [metrics.get(f"{p}{k}", float("nan")) for k in PERCENT_METRICS]
+        lines.append(f"{label:<24} {metrics[f'{p}n']:>6} {vals[0]:>8.2f}% {vals[1]:>14.2f}% {vals[2]:>8.2f}%")
+    if c:
+        lines.append(f"({c['copies']} of {c['items']} items are bit-identical to a {train} image, "
+                     f"{c['same_label']} with the same label)")
+    elif "no_copy_note" in metrics:
+        lines.append(f"({metrics['no_copy_note']})")
+    return "\n".join(lines)
 
 
 def format_report(metrics: dict[str, Any], labels: Sequence[str], title: str = "") -> str:
@@ -210,6 +267,8 @@ def format_report(metrics: dict[str, Any], labels: Sequence[str], title: str = "
             f"macro F1            {metrics['macro_f1']:6.2f} %",
             f"loss (CE)           {metrics['loss']:8.4f}",
         ]
+        if f"{NO_COPY}_n" in metrics:
+            lines += ["", subset_table(metrics)]
         for k, v in metrics.items():
             if k.startswith("accuracy_"):
                 lines.append(f"{k:<19} {v:6.2f} %")
@@ -232,21 +291,24 @@ def format_report(metrics: dict[str, Any], labels: Sequence[str], title: str = "
 def evaluate_checkpoint(checkpoint: Any, data: str, data_dir: str | None, split: str, *, backend: str | None = None,
                         device: str = "cpu", batch_size: int = 256, data_opts: dict[str, Any] | None = None,
                         limit: int = 0, seed: int = 0, workers: int = 0, amp: torch.dtype | None = None,
-                        quiet: bool = False, dataset: Any = None) -> dict[str, Any]:
+                        quiet: bool = False, dataset: Any = None, train_dataset: Any = None) -> dict[str, Any]:
     """Evaluate a checkpoint (path or ``LoadedModel``) on a dataset split with its own input spec.
 
     ``backend``: None runs the checkpoint's torch module directly on ``device`` (the training run's own
     arithmetic; ``--eval-only``); ``"auto" | "torch" | "onnxruntime" | "tensorrt"`` runs it through that
     ferengine backend, as the app does (``fer eval``). Returns the metrics with what was evaluated:
-    checkpoint, data, split, backend, dataset size, label policy, notes, what was left out and why.
+    checkpoint, data, split, backend, dataset size, label policy, notes, what was left out and why; for a
+    split of a dataset with a training split, the same numbers on the items with no exact copy in it
+    (``no_copy_*``, ``copies_in_train``; ``train_dataset`` given in-process, else read like the split); and
+    ``role``: whether this split selected the model (``validation (selection)``) or not (``held out``).
     Raises :class:`EvalError`, ``ferengine.errors.FerError`` or ``trainers.data.DatasetError``.
     """
     from ferengine import checkpoint as ck
     from ferengine.device import resolve_device
 
-    from .data import canonical_split, load_dataset
+    from .data import DatasetError, canonical_split, load_dataset
     from .data.batches import make_batches
-    from .data.splits import subset
+    from .data.splits import default_splits, subset
 
     loaded = checkpoint if hasattr(checkpoint, "model") and hasattr(checkpoint, "info") else ck.load(checkpoint)
     info = loaded.info
@@ -288,6 +350,24 @@ def evaluate_checkpoint(checkpoint: Any, data: str, data_dir: str | None, split:
             raise EvalError(f"{data}/{split_name}: no item belongs to a class the checkpoint knows ({match.names})")
         dropped = {"classes_not_in_checkpoint": dropped_classes, "unlabelled": unlabelled}
 
+    subsets, copies_info, copy_note = None, None, None
+    if train_dataset is None and dataset is not None and data and not _is_train_split(data, split_name):
+        tsplit = default_splits(data)[0]
+        try:
+            train_dataset = load_dataset(data, data_dir, tsplit, **(data_opts or {}))
+        except DatasetError as exc:
+            copy_note = f"copies in {data}/{tsplit} not checked: {' '.join(str(exc).split())}"
+    if train_dataset is not None:
+        from .data.leakage import find_copies
+
+        copies = find_copies(dataset, train_dataset, getattr(train_dataset, "split", "train"))
+        subsets, copies_info = {NO_COPY: ~copies.mask}, copies.to_dict()
+        if copies.count:
+            notes.append(copies.describe(split_name) + "; the numbers are given for the whole split and without them")
+    if copy_note:
+        notes.append(copy_note)
+    role = _role(info, data, split_name)
+
     if backend is None:
         dev = resolve_device(device)
         model = loaded.model.to(dev).eval()
@@ -310,7 +390,7 @@ def evaluate_checkpoint(checkpoint: Any, data: str, data_dir: str | None, split:
     t0 = time.perf_counter()
     try:
         metrics = evaluate(step, batches, data_labels, autocast=eval_autocast(dev, amp), match=match,
-                           desc=f"eval {data}/{split_name}", quiet=quiet)
+                           desc=f"eval {data}/{split_name}", quiet=quiet, subsets=subsets)
     finally:
         if closer is not None:
             closer()
@@ -318,9 +398,38 @@ def evaluate_checkpoint(checkpoint: Any, data: str, data_dir: str | None, split:
     return {"checkpoint": str(loaded.path), "data": data, "data_dir": str(data_dir) if data_dir else None,
             "split": split_name, "backend": be_name, "device": be_device, "dataset_size": full,
             "label_policy": LABEL_POLICY, "labels": list(match.names) if match else [], "notes": notes,
+            "role": role, "copies_in_train": copies_info,
             "dropped": dropped, "checkpoint_classes_not_in_dataset":
                 [n for n in info.labels if _canon(n) not in set(match.names)] if match else [],
             **metrics, "images_per_s": metrics.get("n", 0) / dt if dt > 0 else None}
+
+
+def _is_train_split(data: str, split: str) -> bool:
+    from .data.splits import default_splits
+
+    try:
+        return split == default_splits(data)[0]
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _role(info: Any, data: str, split: str) -> str:
+    """``validation (selection)`` when the checkpoint's training run selected its epoch on this split."""
+    t = (info.training or {}).get("data") or {}
+    if not t:
+        return "unknown (the checkpoint does not record its training data)"
+    try:
+        from .data import canonical_name, canonical_split
+
+        same = canonical_name(t.get("name") or "") == canonical_name(data) and t.get("val_split") and \
+            canonical_split(data, t["val_split"]) == split
+    except Exception:  # noqa: BLE001 - names the readers do not know
+        same = t.get("name") == data and t.get("val_split") == split
+    if same:
+        return "validation (selection): this split chose the model's epoch"
+    if t.get("train_split") and t.get("name") == data and t.get("train_split") == split:
+        return "training data"
+    return "held out: not used to train or select the model"
 
 
 def _canon(name: str) -> str:
@@ -347,7 +456,7 @@ def run_command(args: argparse.Namespace) -> int:
     for note in res["notes"]:
         print(f"fer: note: {note}", file=sys.stderr)
     print(f"{loaded.path} on {args.data}/{res['split']} ({res['backend']} on {res['device']}): "
-          f"{res['n']} of {res['dataset_size']} faces")
+          f"{res['n']} of {res['dataset_size']} faces; {res['role']}")
     print(format_report(res, res["labels"]))
     if args.json:
         atomic_write_json(Path(args.json), _json_safe(res))

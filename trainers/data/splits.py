@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -70,11 +70,34 @@ def subset(ds: Any, n: int, seed: int) -> Any:
     return ds.subset(idx)
 
 
+def _drop_copies(train_ds: Any, data: str, data_dir: str | None, opts: dict[str, Any] | None,
+                 splits: Sequence[str], val_split: str | None, val_ds: Any) -> Any:
+    from .leakage import copies_in
+
+    drop = np.zeros(len(train_ds), bool)
+    for s in splits:
+        if val_ds is not None and val_split is not None and s.lower() in (val_split.lower(), "val"):
+            other = val_ds
+        else:
+            other = open_dataset(data, data_dir, s, opts)
+        hit = copies_in(train_ds, other)
+        log.info("--drop-copies-of %s: %d %s items are bit-identical to a %s image; dropped from training",
+                 s, int(hit.sum()), getattr(train_ds, "split", "training"), s)
+        drop |= hit
+    if not drop.any():
+        return train_ds
+    kept = train_ds.subset(np.flatnonzero(~drop))
+    kept.info["dropped_copies_of"] = {"splits": list(splits), "items": int(drop.sum())}
+    return kept
+
+
 def load_data(data: str, data_dir: str | None, *, train_split: str | None = None, val_split: str | None = None,
               opts: dict[str, Any] | None = None, limit_train: int = 0, limit_val: int = 0, seed: int = 0,
-              channels: int | None = None, datasets: tuple[Any, Any] | None = None) -> tuple[Any, Any | None, DataInfo]:
+              channels: int | None = None, datasets: tuple[Any, Any] | None = None,
+              drop_copies_of: Sequence[str] = ()) -> tuple[Any, Any | None, DataInfo]:
     """Open the training and validation splits (``datasets`` = (train, val) given in-process skips the
-    readers). ``val_split="none"``: no evaluation. Raises :class:`DatasetError`."""
+    readers). ``val_split="none"``: no evaluation. ``drop_copies_of``: splits whose images are removed from
+    the training data where it holds a bit-identical copy (before ``limit_train``). Raises :class:`DatasetError`."""
     d_train, d_val = default_splits(data) if datasets is None else ("train", "val")
     train_split = train_split or d_train
     vs: str | None = d_val
@@ -87,6 +110,8 @@ def load_data(data: str, data_dir: str | None, *, train_split: str | None = None
         val_ds = open_dataset(data, data_dir, vs, opts) if vs else None
     if val_ds is None:
         vs = None
+    if drop_copies_of:
+        train_ds = _drop_copies(train_ds, data, data_dir, opts, drop_copies_of, vs, val_ds)
     full = len(train_ds)
     if full == 0:
         raise DatasetError(f"{data}/{train_split}: the training split is empty")

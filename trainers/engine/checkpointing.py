@@ -63,6 +63,11 @@ def checkpoint_info(t: "Trainer", metrics: dict[str, Any], epoch: int) -> ckpt.C
                  "val_split": t.data.val_split, "limit_train": cfg.limit_train, "options": cfg.data_opts},
         "split_sizes": {t.data.train_split: t.data.train_size, **(
             {t.data.val_split: t.data.val_size} if t.data.val_split else {})},
+        "selection": {"split": t.data.val_split, "metric": cfg.best_metric, "mode": t.best_mode,
+                      "best_epoch": t.best_epoch, "best_value": t.best_value},
+        **({"copies_in_train": {t.data.val_split: t.copies.to_dict()}} if t.copies is not None else {}),
+        **({"dropped_copies_of": t.train_ds.info["dropped_copies_of"]}
+           if "dropped_copies_of" in getattr(t.train_ds, "info", {}) else {}),
         "epochs": cfg.epochs, "epoch": epoch, "seed": cfg.seed, "git_commit": git_commit(),
         "hardware": hardware(t.device, t.amp_dtype, t.dist.world_size), "config": cfg.to_dict(),
     }

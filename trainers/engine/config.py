@@ -113,6 +113,10 @@ class TrainConfig:
     train_split: str | None = opt(None, group=D, help="training split (default: the dataset's)")
     val_split: str | None = opt(None, group=D, help="validation split selecting the best checkpoint (default: "
                                 "publictest for fer2013, else the dataset's validation split; 'none' = no evaluation)")
+    drop_copies_of: tuple[str, ...] = opt((), group=D, metavar="SPLIT",
+                                          help="remove from the training data every image bit-identical to one of "
+                                               "these splits, e.g. --drop-copies-of publictest privatetest "
+                                               "(FER2013's test splits hold copies of Training images)")
     limit_train: int = opt(0, group=D, metavar="N", help="train on a seeded random subset of N images (smoke runs)")
     limit_val: int = opt(0, group=D, metavar="N", help="evaluate on N images")
     input_size: int | None = opt(None, group=D, help="model input side (default: the model's)")

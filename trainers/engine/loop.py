@@ -87,9 +87,19 @@ class Trainer:
             self.train_ds, self.val_ds, self.data = load_data(
                 cfg.data, cfg.data_dir, train_split=cfg.train_split, val_split=cfg.val_split, opts=cfg.data_opts,
                 limit_train=cfg.limit_train, limit_val=cfg.limit_val, seed=cfg.seed, channels=cfg.channels,
-                datasets=datasets)
+                datasets=datasets, drop_copies_of=cfg.drop_copies_of)
         except DatasetError as exc:
             raise TrainError(str(exc)) from None
+        self.copies = None  # the validation items with an exact copy in the training data (as trained on)
+        if self.val_ds is not None:
+            from ..data.leakage import find_copies
+
+            self.copies = find_copies(self.val_ds, self.train_ds, self.data.train_split)
+            if self.copies.count:
+                log.warning("%s: its metrics are reported for the whole split and for the %d items with no copy "
+                            "(val_no_copy_*); --drop-copies-of %s removes the copies from training",
+                            self.copies.describe(self.data.val_split), len(self.copies.mask) - self.copies.count,
+                            self.data.val_split)
         self.model = self.method.build_model(self.data).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -317,7 +327,8 @@ class Trainer:
         return evaluate(self.method.eval_step, self.val_batches, self.data.label_names,
                         autocast=eval_autocast(self.device, self.amp_dtype), desc=f"eval {self.data.val_split}",
                         gather=self.dist.all_gather_object if self.dist.enabled else None,
-                        quiet=not self.dist.is_main)
+                        quiet=not self.dist.is_main,
+                        subsets=None if self.copies is None else {"no_copy": ~self.copies.mask})
 
     def fit(self) -> dict[str, Any]:
         """Train to the end of the plan (from the resumed epoch); returns the last epoch's metrics row."""
@@ -361,7 +372,8 @@ class Trainer:
                 self.metrics_log.row(row, self.global_step)
             log.info("epoch %d/%d  loss %.4f  %s  lr %.3g  train %.0f img/s (data %.0f img/s)  %.1fs%s", epoch,
                      self.plan.total, train.get("train_loss", float("nan")),
-                     "  ".join(f"{k} {metrics[k]:.2f}" for k in ("accuracy", "mean_class_accuracy", "macro_f1")
+                     "  ".join(f"{k} {metrics[k]:.2f}" for k in ("accuracy", "mean_class_accuracy", "macro_f1",
+                                                                    "no_copy_accuracy", "mean_ccc")
                                if k in metrics), next(iter(lrs.values())), train["train_ips"], train["data_ips"],
                      train["epoch_time"], "  *best*" if improved else "")
             for cb in self.callbacks:
