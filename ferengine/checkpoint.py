@@ -234,6 +234,13 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo.from_dict(meta, str(path))
 
 
+def stored_dtypes(path: str | os.PathLike) -> list[str]:
+    """The dtypes the file stores its floating-point weights in (e.g. ``["float16"]`` for a half checkpoint;
+    ``load`` always gives a float32 model)."""
+    _, state, _ = _read(Path(path))
+    return sorted({str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()})
+
+
 def build_model(info: CheckpointInfo, source: str = "checkpoint") -> nn.Module:
     """A randomly initialised model of the architecture ``info`` names."""
     kwargs = dict(info.arch_kwargs)

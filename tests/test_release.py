@@ -71,3 +71,37 @@ def test_release_bad_checkpoint_is_one_line(tmp_path, capsys):
     bad.write_bytes(b"nope")
     assert main([str(bad), "--out", str(tmp_path / "o.safetensors"), "--name", "x"]) == 2
     assert capsys.readouterr().err.startswith("release: error:")
+
+
+def test_card_sentences_come_from_the_checkpoint_and_the_run(tmp_path, fer_dir, capsys):
+    """fp32 storage, an AV head, the selection recorded by the engine, copies in the split: the card says what
+    this file and this evaluation are, and none of the old fixed sentences."""
+    import csv
+
+    csv_path = fer_dir / "fer2013" / "fer2013.csv"
+    rows = list(csv.reader(csv_path.open()))
+    rows[15][1] = rows[1][1]  # PublicTest item 0 = Training item 0 (the same label: both i % 7 == 0)
+    rows[16][1] = rows[3][1]  # PublicTest item 1 (label 1) = Training item 2 (label 2)
+    with csv_path.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    src = make_checkpoint(tmp_path / "best.safetensors", width=0.25, av_head=True)
+    loaded = ck.load(src)
+    training = dict(loaded.info.training) | {
+        "data": {"name": "fer2013", "train_split": "train", "val_split": "publictest"},
+        "split_sizes": {"train": 14}, "selection": {"split": "publictest", "metric": "macro_f1"},
+        "epoch": 3, "epochs": 5}
+    ck.save(src, loaded.model, dataclasses.replace(loaded.info, training=training))
+    out = tmp_path / "m.safetensors"
+    assert main([str(src), "--out", str(out), "--name", "fp32 av", "--no-half", "--data-dir", str(fer_dir),
+                 "--repeat", "2"]) == 0
+    card = (tmp_path / "m.md").read_text()
+    assert "weights stored as float32" in card and "float16" not in card
+    assert "valence/arousal from the model's own head" in card and "estimates them" not in card
+    assert "epoch selected on `publictest` by macro_f1 (epoch 3 of 5)" in card
+    assert "validation (selection)" in card and "validation numbers" in card
+    assert "2 of the 21 publictest images are bit-identical to a `train` image (1 with the same label)" in card
+    ev = json.loads((tmp_path / "m.eval.json").read_text())
+    assert f"| fer2013 publictest, no copy in train | 19 | **{ev['no_copy_accuracy']:.2f} %**" in card
+    for fixed in ("PrivateTest was never used", "65.4", "best epoch by accuracy", "weights stored fp16"):
+        assert fixed not in card, fixed
+    assert ck.read_info(out).metrics["fer2013_publictest_no_copy_n"] == 19

