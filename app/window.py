@@ -862,6 +862,11 @@ class MainWindow(QMainWindow):
             self.state.set_model(labels, True)
             self.prob_chart.set_labels(labels)
             self.statusBar().showMessage(f"Model {bundle.name} loaded in {bundle.load_s:.1f} s", 5000)
+            from ferengine.checkpoint import crop_note
+
+            note = crop_note(info)
+            if note:
+                log.info("%s", note)
         self._restore_model_bar()
         self._on_backend_changed(self.backend_obj)
         self._update_title()
@@ -894,7 +899,7 @@ class MainWindow(QMainWindow):
         self.sb_backend.setText(f"{BACKEND_NAMES.get(backend.name, backend.name)} · {nice_device(backend.device)}")
         self.act_device.setText(f"Device: {backend.device}")
         if self.bundle is not None:
-            self.sb_model.setText(f"model: {self.bundle.name}")
+            self._show_model_name()
         if self.backend_choice != "auto":
             self._check_backend_action(backend.name)
         self.statusBar().showMessage(f"Inference on {self.sb_backend.text()}", 4000)
@@ -1074,7 +1079,19 @@ class MainWindow(QMainWindow):
         model = self.bundle.name if self.bundle is not None else "no model"
         src = self.source_spec.label if self.source_spec is not None else None
         self.setWindowTitle(" — ".join(x for x in ("fer-desktop", model, src) if x))
-        self.sb_model.setText(f"model: {model}")
+        self._show_model_name()
+
+    def _show_model_name(self) -> None:
+        """The status bar's model label; it says when the checkpoint's face crop is not calibrated."""
+        if self.bundle is None:
+            self.sb_model.setText("model: no model")
+            self.sb_model.setToolTip("")
+            return
+        from ferengine.checkpoint import crop_note
+
+        note = crop_note(self.bundle.loaded.info)
+        self.sb_model.setText(f"model: {self.bundle.name}" + (" · crop not calibrated" if note else ""))
+        self.sb_model.setToolTip(note or "")
 
     def reset_layout(self) -> None:
         for dock in self.docks.values():

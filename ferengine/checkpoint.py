@@ -234,6 +234,18 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo.from_dict(meta, str(path))
 
 
+def crop_note(info: CheckpointInfo) -> str | None:
+    """None when the checkpoint records how its face crop was chosen (a calibration measured on its training
+    data, or crop flags given to the trainer), else a sentence saying that it does not."""
+    t = info.training or {}
+    if t.get("crop_calibration"):
+        return None
+    s = info.input
+    return (f"{info.name or info.arch}: no crop calibration recorded; faces are cut with margin {s.crop_margin:.2f} "
+            f"and offset {s.crop_offset_y:+.2f}, which may frame them unlike its training data "
+            "(python -m trainers.calibrate --apply sets a measured crop)")
+
+
 def stored_dtypes(path: str | os.PathLike) -> list[str]:
     """The dtypes the file stores its floating-point weights in (e.g. ``["float16"]`` for a half checkpoint;
     ``load`` always gives a float32 model)."""

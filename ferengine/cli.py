@@ -216,9 +216,18 @@ def cmd_info(args) -> int:
     from .checkpoint import read_info
 
     path = _checkpoint_path(args.checkpoint)
+    from .checkpoint import crop_note
+
     info = read_info(path)
     d = info.to_dict()
     d["path"] = str(path)
+    cal = (info.training or {}).get("crop_calibration")
+    note = crop_note(info)
+    d["crop"] = {"crop_margin": info.input.crop_margin, "crop_offset_y": info.input.crop_offset_y,
+                 "calibrated": note is None, "how": (cal or {}).get("how") or (cal or {}).get("command"),
+                 **({"note": note} if note else {})}
+    if note:
+        print(f"fer: note: {note}", file=sys.stderr)
     json.dump(d, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

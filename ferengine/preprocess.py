@@ -4,7 +4,8 @@ Inference: ``crop_faces(frame, faces, spec)`` cuts an eye-line-aligned square ar
 (uint8, the checkpoint's size and channels); ``to_model_input(crops, spec)`` turns uint8 faces into the
 normalised float32 ``(N, C, H, W)`` batch the model takes. Training feeds its (already cropped) dataset
 faces through the same ``to_model_input``, on numpy arrays or torch tensors (CPU or GPU), so the model
-sees identical arithmetic in both places.
+sees identical arithmetic in both places; a model trained on smaller faces than its input (FER2013's 48 px
+upsampled to 96) records that in ``InputSpec.source_size`` and inference crops at that size first.
 """
 from __future__ import annotations
 
@@ -15,11 +16,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-try:  # torch is optional for the numpy path
-    import torch
-    import torch.nn.functional as F
-except ImportError:  # pragma: no cover
-    torch = None  # type: ignore[assignment]
+import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -32,6 +30,10 @@ class InputSpec:
     - ``crop_margin``: the crop side is ``(1 + crop_margin) * max(box w, box h)`` of the detector box.
     - ``crop_offset_y``: shift of the crop centre, as a fraction of the box side (positive = down).
     - ``align``: rotate so that the eye line is horizontal.
+    - ``source_size``: the side the training faces had before they were resized to ``size`` (FER2013's 48
+      for a 96 px model), or None when they were ``size`` already. Inference then crops at ``source_size``
+      (the area path of :func:`crop_faces`) and resizes to ``size`` exactly as training did
+      (:func:`to_model_input`), so the model never sees detail its training data did not have.
     """
 
     size: int = 48
@@ -41,6 +43,7 @@ class InputSpec:
     crop_margin: float = 0.25
     crop_offset_y: float = 0.0
     align: bool = True
+    source_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -53,10 +56,22 @@ class InputSpec:
             raise ValueError(f"InputSpec.std must be positive, got {self.std}")
         if self.crop_margin <= -0.9:
             raise ValueError(f"InputSpec.crop_margin must be > -0.9, got {self.crop_margin}")
+        if self.source_size is not None:
+            if not 8 <= int(self.source_size) <= 1024:
+                raise ValueError(f"InputSpec.source_size must be in 8..1024, got {self.source_size}")
+            object.__setattr__(self, "source_size", None if int(self.source_size) == int(self.size)
+                               else int(self.source_size))
+
+    @property
+    def crop_size(self) -> int:
+        """The side :func:`crop_faces` cuts at: ``source_size`` when set, else ``size``."""
+        return int(self.source_size or self.size)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if d["source_size"] is None:  # files stay readable by versions without the field
+            del d["source_size"]
         return d
 
     @classmethod
@@ -100,17 +115,18 @@ def eye_angle(keypoints: np.ndarray | None) -> float:
 def crop_transform(
     box: Sequence[float], keypoints: np.ndarray | None, spec: InputSpec
 ) -> np.ndarray:
-    """2x3 affine matrix mapping frame pixels to the ``spec.size`` square crop of one face."""
+    """2x3 affine matrix mapping frame pixels to the ``spec.crop_size`` square crop of one face."""
     x, y, w, h = (float(v) for v in box)
     side = max(w, h) * (1.0 + spec.crop_margin)
     cx = x + w / 2.0
     cy = y + h / 2.0 + spec.crop_offset_y * max(w, h)
     angle = eye_angle(keypoints) if spec.align else 0.0
-    s = spec.size / max(side, 1e-6)
+    size = spec.crop_size
+    s = size / max(side, 1e-6)
     c, si = math.cos(angle) * s, math.sin(angle) * s
     # rotate by -angle about the centre, scale, then move the centre to the middle of the crop
     return np.array(
-        [[c, si, spec.size / 2.0 - (c * cx + si * cy)], [-si, c, spec.size / 2.0 - (-si * cx + c * cy)]],
+        [[c, si, size / 2.0 - (c * cx + si * cy)], [-si, c, size / 2.0 - (-si * cx + c * cy)]],
         dtype=np.float64,
     )
 
@@ -121,7 +137,8 @@ def crop_faces(
     keypoints: Sequence[np.ndarray | None] | None,
     spec: InputSpec,
 ) -> np.ndarray:
-    """Cut one aligned square per face: uint8 ``(N, size, size)`` (grey) or ``(N, size, size, 3)`` (RGB).
+    """Cut one aligned square per face: uint8 ``(N, S, S)`` (grey) or ``(N, S, S, 3)`` (RGB) with
+    ``S = spec.crop_size`` (the training faces' resolution; :func:`to_model_input` brings it to ``spec.size``).
 
     ``frame_bgr`` is an OpenCV BGR (or single-channel grey) image; ``boxes`` are ``(x, y, w, h)`` pixels.
     """
@@ -132,7 +149,8 @@ def crop_faces(
     else:
         src = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
     n = len(boxes)
-    shape = (n, spec.size, spec.size) if spec.channels == 1 else (n, spec.size, spec.size, 3)
+    size = spec.crop_size
+    shape = (n, size, size) if spec.channels == 1 else (n, size, size, 3)
     out = np.empty(shape, dtype=np.uint8)
     kps = keypoints if keypoints is not None else [None] * n
     for i, (box, kp) in enumerate(zip(boxes, kps)):
@@ -142,14 +160,13 @@ def crop_faces(
         # size (k = the integer part of the shrink factor, at most 4) and area-average k x k blocks down.
         k = int(min(4, max(1, math.floor(1.0 / max(math.hypot(m[0, 0], m[0, 1]), 1e-6)))))
         if k == 1:
-            out[i] = cv2.warpAffine(src, m, (spec.size, spec.size), flags=cv2.INTER_LINEAR,
-                                    borderMode=cv2.BORDER_REPLICATE)
+            out[i] = cv2.warpAffine(src, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         else:
             mk = m * k
             mk[:, 2] += (k - 1) / 2.0  # pixel centres: big u = k * small x + (k - 1) / 2
-            big = cv2.warpAffine(src, mk, (spec.size * k, spec.size * k), flags=cv2.INTER_LINEAR,
+            big = cv2.warpAffine(src, mk, (size * k, size * k), flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_REPLICATE)
-            out[i] = cv2.resize(big, (spec.size, spec.size), interpolation=cv2.INTER_AREA)
+            out[i] = cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA)
     return out
 
 
@@ -157,42 +174,30 @@ def crop_faces(
 
 
 def to_model_input(images: Any, spec: InputSpec):
-    """uint8 faces -> normalised float32 ``(N, C, size, size)``.
+    """uint8 faces -> normalised float32 ``(N, C, size, size)``: ONE arithmetic for training and inference.
 
     ``images``: numpy array or torch tensor, ``(N, H, W)`` grey, ``(N, H, W, 3)`` RGB (numpy layout) or
-    ``(N, C, H, W)`` (torch layout, C in {1, 3}). Faces of another size are resized (area for
-    shrinking, bilinear for enlarging); grey faces are repeated to RGB, RGB faces are converted to grey
-    (ITU-R 601 luma, as OpenCV) as the spec demands. Returns the same kind (numpy/torch, device) as given.
+    ``(N, C, H, W)`` (torch layout, C in {1, 3}); torch tensors may also be float in [0, 1] (augmented
+    batches). Faces of another size are resized in float32 with bilinear interpolation (antialiased when
+    shrinking, ``torch.nn.functional.interpolate``); grey faces are repeated to RGB, RGB faces are converted
+    to grey (ITU-R 601 luma) as the spec demands; then ``(x/255 - mean) / std``. Numpy input runs the very
+    same torch operations on the CPU (no copy), so the app, ``fer eval`` and the training batches agree to
+    the last bit. Returns the same kind (numpy/torch, device) as given.
     """
-    if torch is not None and isinstance(images, torch.Tensor):
+    if isinstance(images, torch.Tensor):
         return _to_input_torch(images, spec)
-    return _to_input_numpy(np.asarray(images), spec)
+    a = np.asarray(images)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] not in (1, 3)):
+        raise ValueError(f"expected faces as (N,H,W) or (N,H,W,3) uint8, got shape {a.shape}")
+    if a.ndim == 4:
+        a = a.transpose(0, 3, 1, 2)  # NHWC -> NCHW view
+    with torch.inference_mode():
+        return _to_input_torch(torch.from_numpy(np.ascontiguousarray(a)), spec).numpy()
 
 
 _LUMA = (0.299, 0.587, 0.114)
-
-
-def _to_input_numpy(a: np.ndarray, spec: InputSpec) -> np.ndarray:
-    if a.ndim == 2:
-        a = a[None]
-    if a.ndim == 3:
-        a = a[..., None]  # N,H,W,1
-    if a.ndim != 4 or a.shape[-1] not in (1, 3):
-        raise ValueError(f"expected faces as (N,H,W) or (N,H,W,3) uint8, got shape {a.shape}")
-    n, h, w, c = a.shape
-    if (h, w) != (spec.size, spec.size):
-        interp = cv2.INTER_AREA if h > spec.size else cv2.INTER_LINEAR
-        a = np.stack([cv2.resize(img, (spec.size, spec.size), interpolation=interp) for img in a])
-        a = a.reshape(n, spec.size, spec.size, c)
-    x = a.astype(np.float32) * np.float32(1.0 / 255.0)
-    if c == 3 and spec.channels == 1:
-        x = (x @ np.asarray(_LUMA, np.float32))[..., None]
-    elif c == 1 and spec.channels == 3:
-        x = np.repeat(x, 3, axis=-1)
-    mean = np.asarray(spec.mean, np.float32)
-    inv_std = 1.0 / np.asarray(spec.std, np.float32)
-    x = (x - mean) * inv_std
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _to_input_torch(t: "torch.Tensor", spec: InputSpec) -> "torch.Tensor":

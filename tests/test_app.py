@@ -538,6 +538,9 @@ def test_a_shipped_default_model_is_used_and_listed(qtbot, make_window, monkeypa
     qtbot.waitUntil(lambda: win.bundle is not None, timeout=WAIT_MS)
     assert win.bundle.path == assets / "models" / "default.safetensors"
     assert not win.model_bar.isVisibleTo(win)
+    # the fixture checkpoint records no crop calibration: the status bar says so, with the why in its tooltip
+    assert win.sb_model.text() == "model: random fastcnn · crop not calibrated"
+    assert "no crop calibration recorded" in win.sb_model.toolTip()
     win._fill_model_menu()
     shipped = [a for a in win.model_menu.actions() if a.text() == "default"]
     assert len(shipped) == 1 and shipped[0].isChecked()

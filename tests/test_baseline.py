@@ -39,7 +39,8 @@ def test_baseline_cli_trains_evaluates_and_resumes(fer_dir, tmp_path, capsys):
     assert main(Baseline, argv) == 0
     loaded = ck.load(out / "best.safetensors")
     spec = loaded.spec
-    assert (spec.size, spec.channels, spec.crop_margin) == (40, 1, InputSpec().crop_margin)
+    assert (spec.size, spec.channels, spec.crop_margin, spec.crop_offset_y) == (40, 1, 0.15, -0.097), "FER2013's crop"
+    assert spec.source_size == 48, "trained on 48 px faces resized to 40: inference crops at 48 and resizes alike"
     assert loaded.info.arch == "fastcnn" and loaded.info.arch_kwargs["width"] == 0.25
     assert loaded.info.labels == list(LABEL_SETS["fer7"])
     t = loaded.info.training

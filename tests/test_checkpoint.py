@@ -170,3 +170,23 @@ def test_default_checkpoint_missing_is_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("FER_DESKTOP_ASSETS", str(tmp_path))
     with pytest.raises(ck.CheckpointError, match="no default model"):
         ck.default_checkpoint_path()
+
+
+def test_crop_note_says_when_a_checkpoint_has_no_calibration(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    from conftest import make_checkpoint
+    from ferengine.cli import main
+
+    path = make_checkpoint(tmp_path / "m.safetensors")
+    info = ck.read_info(path)
+    assert "no crop calibration recorded" in ck.crop_note(info) and "margin 0.25" in ck.crop_note(info)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr()
+    d = json.loads(out.out)
+    assert d["crop"]["calibrated"] is False and "no crop calibration" in out.err
+    calibrated = dataclasses.replace(info, training={**info.training, "crop_calibration": {
+        "crop_margin": 0.15, "crop_offset_y": -0.097, "how": "measured for fer2013"}})
+    assert ck.crop_note(calibrated) is None
+    assert ck.crop_note(ck.read_info(ck.default_checkpoint_path())) is None, "the shipped model is calibrated"

@@ -171,7 +171,9 @@ def test_checkpoint_loads_and_matches_model(trained):
     loaded = ck.load(out / "last.safetensors")
     assert loaded.info.arch == "fastcnn" and loaded.info.labels == list(LABELS)
     assert loaded.spec.size == 48 and loaded.spec.channels == 1
-    assert loaded.spec.crop_margin == ck.InputSpec().crop_margin
+    # the patterns stand in for --data fer2013 (the default): its measured crop goes into the checkpoint
+    assert (loaded.spec.crop_margin, loaded.spec.crop_offset_y) == (0.15, -0.097)
+    assert loaded.info.training["crop_calibration"]["how"].startswith("measured for fer2013")
     t = loaded.info.training
     assert t["epoch"] == 3 and t["seed"] == 0 and t["split_sizes"] == {"train": 384, "val": 128}
     assert "command" in t and t["data"]["name"] == "fer2013"

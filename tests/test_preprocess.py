@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -112,3 +113,49 @@ def test_channel_conversion_and_resize():
     assert np.abs(t3.numpy() - x3).max() < 0.05  # bilinear in both, tiny kernel differences
     with pytest.raises(ValueError, match="expected faces"):
         to_model_input(np.zeros((2, 48, 48, 2), np.uint8), InputSpec())
+
+
+# ------------------------------------------------------------------ one arithmetic, training resolution
+
+
+@pytest.mark.parametrize("size", [96, 48, 32], ids=["upsample", "same", "shrink"])
+@pytest.mark.parametrize("rgb", [False, True], ids=["grey", "rgb"])
+def test_numpy_and_torch_paths_are_one_arithmetic(size, rgb):
+    """The app / fer eval (numpy uint8) and the training batches (torch) give the same model input to the
+    last bit, also where faces are resized (48 -> 96 up, 48 -> 32 down) and RGB is turned grey."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, (5, 48, 48, 3) if rgb else (5, 48, 48), dtype=np.uint8)
+    spec = InputSpec(size=size, channels=1, mean=(0.4,), std=(0.3,))
+    a = to_model_input(faces, spec)
+    t = torch.from_numpy(faces)
+    b = to_model_input(t.permute(0, 3, 1, 2) if rgb else t, spec).numpy()
+    assert a.shape == b.shape == (5, 1, size, size) and a.dtype == np.float32
+    assert np.array_equal(a, b), f"max diff {np.abs(a - b).max():.3g}"
+    # what training feeds after augmenting: float faces in [0, 1] (the identity augmentation is x / 255)
+    f = to_model_input(t.float().div(255.0).permute(0, 3, 1, 2) if rgb else t.float().div(255.0).unsqueeze(1), spec)
+    np.testing.assert_allclose(f.numpy(), a, rtol=0, atol=1e-6)
+
+
+def test_crops_are_cut_at_the_training_faces_resolution():
+    """A 96 px model trained on 48 px faces (source_size 48): crop_faces cuts at 48 (its area path) and
+    to_model_input upsamples as training did; the 96 px detail of the frame never reaches the model."""
+    rng = np.random.default_rng(1)
+    frame = cv2.GaussianBlur(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8), (3, 3), 0)
+    box, kp = (100, 100, 200, 200), None
+    native = InputSpec(size=96, channels=1, source_size=48, mean=(0.0,), std=(1.0,))
+    crops = crop_faces(frame, [box], [kp], native)
+    assert crops.shape == (1, 48, 48) and native.crop_size == 48
+    x = to_model_input(crops, native)
+    assert x.shape == (1, 1, 96, 96)
+    small = InputSpec(size=48, channels=1, mean=(0.0,), std=(1.0,))
+    assert np.array_equal(crops, crop_faces(frame, [box], [kp], small)), "the same crop a 48 px model gets"
+    direct = to_model_input(crop_faces(frame, [box], [kp], InputSpec(size=96, channels=1, mean=(0.0,), std=(1.0,))),
+                            native)
+    # cut at 96 directly the crop holds finer detail than the 48 px training faces had
+    lap = lambda im: float(np.abs(cv2.Laplacian(im[0, 0].astype(np.float64), cv2.CV_64F)).mean())  # noqa: E731
+    assert lap(direct) > 1.5 * lap(x)
+    assert InputSpec(size=48, source_size=48).source_size is None, "a source size equal to the size is no source size"
+    assert "source_size" not in InputSpec().to_dict(), "specs without one stay readable by older versions"
+    assert InputSpec.from_dict(native.to_dict()) == native

@@ -122,7 +122,12 @@ class TrainConfig:
     input_size: int | None = opt(None, group=D, help="model input side (default: the model's)")
     channels: int | None = opt(None, group=D, choices=(1, 3), help="1 grey / 3 RGB (default: the dataset's)")
     crop_margin: float | None = opt(None, group=D, help="face crop margin stored in the checkpoint's input spec "
-                                    "(default: InputSpec's)")
+                                    "(none given: the dataset's measured calibration, else InputSpec's 0.25)")
+    crop_offset_y: float | None = opt(None, group=D, help="face crop centre shift (fraction of the box, + = down) "
+                                      "stored in the input spec (none given: as --crop-margin)")
+    crop_calibration: str | None = opt(None, group=D, metavar="FILE",
+                                       help="calibration.json of python -m trainers.calibrate: its crop goes into "
+                                            "the checkpoints (FER2013/FER+ have a measured one built in)")
     augment: str = opt("standard", group=D, help="augmentation preset (trainers.augment.AUGMENT_PRESETS)")
     aug: dict[str, Any] = opt(factory=dict, group=D, action=KeyValue, metavar="KEY=VALUE",
                               help="augmentation override, repeatable (translate, hflip, rotate, scale, brightness, "

@@ -103,7 +103,7 @@ class Trainer:
         self.model = self.method.build_model(self.data).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.spec = self.method.input_spec(self.model, self.data)
+        self.spec, self.crop = self._input_spec()
         bs, world = cfg.batch_size, self.dist.world_size
         if world > 1 and bs % world:
             raise TrainError(f"--batch-size {bs} does not split over {world} processes; use a multiple of {world}")
@@ -154,6 +154,31 @@ class Trainer:
                 files.load_state(self, torch.load(self.state_path, map_location="cpu", weights_only=True))
             else:
                 log.warning("--resume: no %s in %s; starting a fresh run", files.STATE_FILE, self.out)
+
+    def _input_spec(self) -> tuple[Any, dict[str, Any] | None]:
+        """The method's input spec + the crop the training faces correspond to (a calibration) + the size
+        the training faces had (in-memory datasets resized to the model's input: FER2013's 48 px)."""
+        import dataclasses
+
+        from ..data.crops import crop_settings
+
+        spec = self.method.input_spec(self.model, self.data)
+        cfg = self.cfg
+        try:
+            crop = crop_settings(cfg.data, cfg.crop_calibration, cfg.crop_margin, cfg.crop_offset_y)
+        except DatasetError as exc:
+            raise TrainError(str(exc)) from None
+        changes: dict[str, Any] = {}
+        if crop is not None:
+            changes.update({k: crop[k] for k in ("crop_margin", "crop_offset_y") if crop.get(k) is not None})
+        else:
+            log.warning("no crop calibration for %s: the checkpoints get InputSpec's default crop (margin %.2f, "
+                        "offset %.2f), which may frame real faces unlike the training faces; measure one with "
+                        "python -m trainers.calibrate --data %s and pass --crop-calibration", cfg.data,
+                        spec.crop_margin, spec.crop_offset_y, cfg.data)
+        if self.data.in_memory and self.data.image_size != spec.size:
+            changes["source_size"] = self.data.image_size
+        return (dataclasses.replace(spec, **changes) if changes else spec), crop
 
     # ---------------------------------------------------------------- helpers for methods
     def autocast(self):

@@ -124,16 +124,15 @@ class Method:
         return self.trainer.model
 
     def input_spec(self, model: nn.Module, data: DataInfo) -> InputSpec:
-        """The checkpoint's input spec: size/channels from the flags, else the model's defaults."""
+        """The checkpoint's input spec: size/channels from the flags, else the model's defaults (the crop and
+        ``source_size`` are the engine's to set)."""
         d = dict(getattr(model, "default_input", {}) or {})
         size = self.cfg.input_size or int(d.get("size", data.image_size))
         kw: dict[str, Any] = {"size": size, "channels": data.channels}
         for k in ("mean", "std"):
             if k in d:
                 kw[k] = d[k]
-        if self.cfg.crop_margin is not None:
-            kw["crop_margin"] = self.cfg.crop_margin
-        return InputSpec(**kw)
+        return InputSpec(**kw)  # the engine adds the crop (calibration) and the training faces' source size
 
     def build_augment(self) -> list[BatchAugment]:
         """One augmentation for all views, or one per view."""

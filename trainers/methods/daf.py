@@ -206,11 +206,7 @@ class DAF(Method):
     def input_spec(self, model: nn.Module, data: DataInfo) -> InputSpec:
         """96x96 in [0, 1] with the model's own channels (grey, also for SFEW's RGB files)."""
         d = model.default_input
-        kw: dict[str, Any] = {"size": int(d["size"]), "channels": int(d["channels"]),
-                              "mean": d["mean"], "std": d["std"]}
-        if self.cfg.crop_margin is not None:
-            kw["crop_margin"] = self.cfg.crop_margin
-        return InputSpec(**kw)
+        return InputSpec(size=int(d["size"]), channels=int(d["channels"]), mean=d["mean"], std=d["std"])
 
     def setup(self) -> None:
         self.tc: TripletCentreLoss | None = None
