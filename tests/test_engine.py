@@ -387,7 +387,7 @@ class KitchenSinkManual(KitchenSink):
 
 @pytest.mark.parametrize("method", [KitchenSink, KitchenSinkManual])
 def test_every_hook_survives_a_kill(tmp_path, method):
-    kw = dict(scheduler="plateau", plateau_patience=0, plateau_threshold=200.0, plateau_factor=0.5, reload_best=True,
+    kw = dict(scheduler="plateau", plateau_patience=1, plateau_threshold=200.0, plateau_factor=0.5, reload_best=True,
               extra={})
     a = _run(tmp_path / "a", method, **kw)
     _run(tmp_path / "b", method, kill=KillAt(epoch=3, step=2), **kw)

@@ -35,11 +35,21 @@ def test_cosine_matches_torch_lambdalr_bit_for_bit():
         ours.step_update()
 
 
-def test_plateau_matches_torch_reduce_on_plateau():
+def test_plateau_drops_at_the_patience_th_flat_epoch():
+    """DAF-CNN's rule: no gain of at least the threshold for 13 epochs -> the lr drops at the 13th flat epoch."""
+    o = _opt(1e-3)
+    s = LRSchedule(o, "plateau", patience=13, threshold=0.05, factor=0.2, min_lr=1e-5)
+    s.step(50.0)  # the first epoch sets the best
+    drops = [s.step(50.0 + 0.003 * i) for i in range(1, 14)]  # 13 epochs, none 0.05 above the best
+    assert drops == [False] * 12 + [True] and o.param_groups[0]["lr"] == pytest.approx(2e-4)
+    assert [s.step(50.2 + 0.06 * i) for i in range(1, 14)] == [False] * 13, "gains reset the count"
+
+
+def test_plateau_matches_torch_reduce_on_plateau_one_epoch_earlier():
     rng = np.random.default_rng(0)
     metrics = np.cumsum(rng.normal(0.05, 0.3, 60))
     a, b = _opt(1e-3), _opt(1e-3)
-    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(a, mode="max", factor=0.2, patience=3, threshold=0.05,
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(a, mode="max", factor=0.2, patience=2, threshold=0.05,
                                                      threshold_mode="abs", min_lr=1e-5)
     ours = LRSchedule(b, "plateau", patience=3, threshold=0.05, factor=0.2, min_lr=1e-5, mode="max")
     drops = 0

@@ -161,7 +161,8 @@ class TrainConfig:
     milestones: tuple[int, ...] = opt((), group=O, help="multistep: epochs (or steps) of the lr drops")
     gamma: float = opt(0.1, group=O, help="step/multistep/exponential lr factor")
     min_lr: float = opt(0.0, group=O, help="cosine floor / plateau minimum")
-    plateau_patience: int = opt(10, group=O, help="plateau: epochs without gain before the lr drops")
+    plateau_patience: int = opt(10, group=O, help="plateau: the lr drops at the N-th consecutive epoch without gain "
+                                                  "(torch's ReduceLROnPlateau(patience=N-1))")
     plateau_threshold: float = opt(0.0, group=O, help="plateau: smallest gain that counts (absolute, metric units: "
                                                       "percent for accuracy)")
     plateau_factor: float = opt(0.1, group=O, help="plateau: lr factor")

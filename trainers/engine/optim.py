@@ -8,8 +8,10 @@ branch can bring its own), ``lr_scale`` a per-group multiplier a method may chan
 - ``none``: 1; ``cosine``: a cosine from 1 to ``min_lr/lr`` over the run, per step;
 - ``step`` / ``multistep`` / ``exponential``: ``gamma`` per ``step_size`` / at each milestone / per unit,
   counted in epochs or in optimiser steps (``interval``; AVCE's "x0.8 at 5k, 25k ... iterations");
-- ``plateau``: ``factor`` when the monitored metric has not improved by ``threshold`` for more than
-  ``patience`` epochs (torch's ReduceLROnPlateau rule, applied to each group's own lr, floor ``min_lr``);
+- ``plateau``: ``factor`` at the ``patience``-th consecutive epoch in which the monitored metric has not
+  improved by ``threshold`` (DAF-CNN's "did not increase ... for 13 epochs": the drop comes at the 13th flat
+  epoch; torch's ReduceLROnPlateau waits for more than ``patience``, i.e. one epoch later), applied to each
+  group's own lr, floor ``min_lr``; the count restarts after a drop;
   with ``reload_best`` the engine reloads the best weights on each drop (DAF-CNN);
 - a linear warm-up over the first ``warmup_steps`` steps in front of any of them.
 
@@ -148,7 +150,7 @@ class LRSchedule:
                 self.best, self.bad_epochs = float(metric), 0
             else:
                 self.bad_epochs += 1
-            if self.bad_epochs > self.patience:
+            if self.bad_epochs >= max(self.patience, 1):
                 self._groups()
                 for i, old in enumerate(self.lrs):
                     new = max(old * self.factor_, self.min_lr)

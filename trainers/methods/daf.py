@@ -27,8 +27,8 @@ Settings (paper 4.2) and their defaults here:
 - Adam, lr 1e-3, minimum lr 1e-5; "if the validation accuracy did not increase by at least 0.0005 for
   13 epochs, the learning rate was reduced by a factor of 0.2 and the previous model with the best
   accuracy was reloaded": ``--scheduler plateau --plateau-patience 13 --plateau-threshold 0.05
-  --plateau-factor 0.2 --min-lr 1e-5 --reload-best``. The threshold is 0.05 because the engine measures
-  accuracy in percent (0.0005 as a fraction). The reload restores the weights and the centres of the
+  --plateau-factor 0.2 --min-lr 1e-5 --reload-best``, the drop coming at the 13th epoch without such a gain.
+  The threshold is 0.05 because the engine measures accuracy in percent (0.0005 as a fraction). The reload restores the weights and the centres of the
   best epoch (not the Adam moments).
 - Per dataset (picked from ``--data``; flags given explicitly win): FER2013 m = 11, lambda = 0.007,
   batch 128; SFEW m = 13, lambda = 0.013, batch 32. Epoch = floor(N / batch) batches of a random
