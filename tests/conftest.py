@@ -18,9 +18,87 @@ SYNTH_FRAMES = 12
 SYNTH_SIZE = (160, 120)  # w, h
 
 
+# -------------------------------------------------------------------------------- a tiny model, trained
+
+
+LABELS = ("hstripes", "vstripes", "checker", "blob")
+
+
+def patterns(n: int, seed: int, size: int = 48, noise: float = 25.0, label_names=None, va: bool = False):
+    """4 classes of synthetic grey patterns (flip- and small-rotation-invariant), random phase/frequency/contrast,
+    as a FaceDataset; ``label_names`` (default LABELS) may name more classes than the 4 used; ``va``: each class
+    also gets a valence/arousal target (its corner of the plane, plus noise)."""
+    from trainers.data import FaceDataset
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    imgs = np.empty((n, size, size), np.uint8)
+    for i, c in enumerate(y):
+        ph, f = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5) * 48 / size
+        if c == 0:
+            p = np.sin(f * yy + ph)
+        elif c == 1:
+            p = np.sin(f * xx + ph)
+        elif c == 2:
+            p = np.sign(np.sin(f * xx + ph) * np.sin(f * yy + ph))
+        else:
+            cx, cy = size / 2 + rng.uniform(-4, 4), size / 2 + rng.uniform(-4, 4)
+            p = 2 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (rng.uniform(0.12, 0.2) * size) ** 2)) - 1
+        img = 128 + 60 * p * rng.uniform(0.5, 1.0) + rng.normal(0, noise, (size, size))
+        imgs[i] = np.clip(img, 0, 255)
+    targets = None
+    if va:
+        corners = np.array([[0.6, 0.5], [-0.6, 0.5], [-0.5, -0.5], [0.5, -0.6]])
+        targets = np.clip(corners[y] + rng.normal(0, 0.1, (n, 2)), -1, 1).astype(np.float32)
+    return FaceDataset("patterns", "train", label_names or LABELS, y, images=imgs, va=targets)
+
+
+def train_checkpoint(path: Path, *, av_head: bool = False, seed: int = 0, epochs: int = 4) -> Path:
+    """A tiny fastcnn (width 0.25) TRAINED for real on the patterns (seconds), with FER2013's seven class names
+    (the patterns fill the first four), as ``trainers.baseline`` writes it; its outputs depend on its input (the
+    fixture checks). ``av_head``: trained on valence/arousal targets too. Uncalibrated crop (data "patterns")."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from ferengine import checkpoint as ck
+    from ferengine.labels import LABEL_SETS
+    from trainers.baseline import Baseline
+    from trainers.engine import TrainConfig, Trainer
+
+    fer7 = LABEL_SETS["fer7"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(data="patterns", out=tmp, epochs=epochs, batch_size=32, lr=0.05, optimizer="sgd",
+                          nesterov=True, scheduler="cosine", warmup_epochs=0.5, weight_decay=5e-4, augment="standard",
+                          tensorboard=False, bench_batches=0, seed=seed,
+                          extra={"arch": "fastcnn", "arch_kwargs": {"width": 0.25}})
+        torch.manual_seed(seed)
+        tr = Trainer(cfg, Baseline, datasets=(patterns(320, seed, label_names=fer7, va=av_head),
+                                              patterns(96, seed + 1, label_names=fer7, va=av_head)), argv=["pytest"])
+        tr.fit()
+        assert tr.best_value is not None and tr.best_value > 60.0, f"the tiny model did not learn: {tr.best_value}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(tmp) / "best.safetensors", path)
+    loaded = ck.load(path)
+    x = patterns(16, seed + 2)
+    from ferengine.preprocess import to_model_input
+
+    with torch.no_grad():
+        out = loaded.model(torch.from_numpy(to_model_input(x.images.numpy(), loaded.spec)))
+    p = out["logits"].softmax(1)
+    assert float((p - p[:1]).abs().max()) > 0.2, "the trained fixture's outputs must depend on its input"
+    if av_head:
+        assert float((out["va"] - out["va"][:1]).abs().max()) > 0.2
+    return path
+
+
 def make_checkpoint(path: Path, *, av_head: bool = False, num_classes: int = 7, width: float = 0.25,
                     labels: tuple[str, ...] | None = None, seed: int = 0) -> Path:
-    """A randomly initialised fastcnn written with :func:`ferengine.checkpoint.save`."""
+    """A randomly initialised fastcnn written with :func:`ferengine.checkpoint.save` -- for tests of metadata,
+    label sets and file handling only: its outputs barely depend on its input (use :func:`train_checkpoint`
+    where the predictions matter)."""
     import torch
 
     from ferengine import checkpoint as ck
@@ -50,12 +128,18 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fastcnn_checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "fastcnn.safetensors")
+    """A tiny fastcnn trained for real (input-dependent outputs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FER_DESKTOP_CACHE", str(tmp_path_factory.mktemp("train-cache")))
+        return train_checkpoint(tmp_path_factory.mktemp("ckpt") / "fastcnn.safetensors")
 
 
 @pytest.fixture(scope="session")
 def fastcnn_av_checkpoint(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt_av") / "fastcnn_av.safetensors", av_head=True)
+    """The same with a valence/arousal head trained on AV targets."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FER_DESKTOP_CACHE", str(tmp_path_factory.mktemp("train-cache-av")))
+        return train_checkpoint(tmp_path_factory.mktemp("ckpt_av") / "fastcnn_av.safetensors", av_head=True)
 
 
 def synth_frame(i: int) -> np.ndarray:

@@ -162,7 +162,8 @@ def test_real_video_shows_results_for_a_real_face(qtbot, make_window, face_video
     assert win.stack.currentWidget() is win.video and win.video.paint_count > 0
     qtbot.waitUntil(lambda: win.sb_faces.text() == "1 face", timeout=2000)  # the status bar refreshes at 4 Hz
     assert "ms/face" in win.sb_infer.text()
-    assert "random fastcnn" in win.windowTitle() and "random fastcnn" in win.sb_model.text()
+    name = win.bundle.loaded.info.name
+    assert name == "baseline fastcnn patterns" and name in win.windowTitle() and name in win.sb_model.text()
 
 
 def test_av_head_model_is_labelled_as_such(qtbot, make_window, face_video, fastcnn_av_checkpoint):
@@ -539,7 +540,7 @@ def test_a_shipped_default_model_is_used_and_listed(qtbot, make_window, monkeypa
     assert win.bundle.path == assets / "models" / "default.safetensors"
     assert not win.model_bar.isVisibleTo(win)
     # the fixture checkpoint records no crop calibration: the status bar says so, with the why in its tooltip
-    assert win.sb_model.text() == "model: random fastcnn · crop not calibrated"
+    assert win.sb_model.text() == "model: baseline fastcnn patterns · crop not calibrated"
     assert "no crop calibration recorded" in win.sb_model.toolTip()
     win._fill_model_menu()
     shipped = [a for a in win.model_menu.actions() if a.text() == "default"]

@@ -58,12 +58,17 @@ def _save(path, *, seed: int = 0, av_head: bool = True):
 
 
 @pytest.fixture
-def loaded(tmp_path):
-    return ck.load(_save(tmp_path / "fastcnn.safetensors"))
+def loaded(fastcnn_av_checkpoint):
+    """A tiny fastcnn trained for real, with both heads (fresh object per test: tests may alter it)."""
+    return ck.load(fastcnn_av_checkpoint)
 
 
 def _batch(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 1, 48, 48)).astype(np.float32)
+    """Preprocessed faces the tiny model tells apart (the patterns it was trained on)."""
+    from conftest import patterns
+    from ferengine.preprocess import to_model_input
+
+    return to_model_input(patterns(n, 1000 + seed).images.numpy(), InputSpec(size=48, channels=1))
 
 
 # ------------------------------------------------------------------------------------- availability
@@ -195,6 +200,8 @@ def test_torch_and_onnxruntime_agree(loaded, n):
         assert diff < 1e-4, f"{k}: max abs diff {diff:.2e}"
     np.testing.assert_allclose(b["probs"].sum(1), 1.0, atol=1e-5)
     assert np.abs(b["va"]).max() <= 1.0
+    if n > 1:  # agreement of a model whose outputs do not depend on the input would prove nothing
+        assert np.abs(a["probs"] - a["probs"][:1]).max() > 0.2 and np.abs(a["va"] - a["va"][:1]).max() > 0.1
 
 
 def test_expression_only_checkpoint_gives_probs_only(tmp_path):

@@ -44,18 +44,25 @@ def test_round_trip_identical_outputs(tmp_path, suffix):
     assert ck.read_info(path).name == "test"
 
 
-def test_half_precision_is_smaller_and_close(tmp_path):
-    model = _model()
-    full = ck.save(tmp_path / "full.safetensors", model, _info())
-    half = ck.save(tmp_path / "half.safetensors", model, _info(), half=True)
+def test_half_precision_is_smaller_and_close(tmp_path, fastcnn_checkpoint):
+    from conftest import patterns
+    from ferengine.preprocess import to_model_input
+
+    trained = ck.load(fastcnn_checkpoint)  # a model trained for real: its outputs depend on the input
+    model, info = trained.model, trained.info
+    full = ck.save(tmp_path / "full.safetensors", model, info)
+    half = ck.save(tmp_path / "half.safetensors", model, info, half=True)
     assert half.stat().st_size < 0.6 * full.stat().st_size
+    assert ck.stored_dtypes(half) == ["float16"] and ck.stored_dtypes(full) == ["float32"]
     loaded = ck.load(half)
     assert next(loaded.model.parameters()).dtype == torch.float32
-    x = torch.randn(2, 1, 48, 48)
+    x = torch.from_numpy(to_model_input(patterns(8, 7).images.numpy(), trained.spec))
     with torch.no_grad():
         p0 = model(x)["logits"].softmax(1)
         p1 = loaded.model(x)["logits"].softmax(1)
+    assert (p0 - p0[:1]).abs().max() > 0.2, "a round trip of a model that ignores its input would prove nothing"
     assert (p0 - p1).abs().max() < 1e-2
+    assert not torch.equal(p0, p1), "fp16 storage rounds the weights"
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):

@@ -25,50 +25,7 @@ from trainers.modules import LabelledQueue, MomentumPairs, frozen_copy
 
 from conftest import Kill, KillAt, deep_diff
 
-try:  # the real dataset class when trainers.data is there; the engine only relies on its attributes
-    from trainers.data import FaceDataset
-except ImportError:  # pragma: no cover
-    class FaceDataset(torch.utils.data.Dataset):  # type: ignore[no-redef]
-        def __init__(self, name, split, label_names, labels, *, images=None, soft_labels=None, va=None):
-            self.name, self.split, self.label_names = name, split, tuple(label_names)
-            self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-            self.images = torch.as_tensor(np.asarray(images))
-            self.soft_labels = None if soft_labels is None else torch.as_tensor(soft_labels, dtype=torch.float32)
-            self.va = None if va is None else torch.as_tensor(va, dtype=torch.float32)
-
-        def __len__(self):
-            return len(self.labels)
-
-        def subset(self, idx):
-            idx = torch.as_tensor(np.asarray(idx))
-            return FaceDataset(self.name, self.split, self.label_names, self.labels[idx], images=self.images[idx],
-                               soft_labels=None if self.soft_labels is None else self.soft_labels[idx],
-                               va=None if self.va is None else self.va[idx])
-
-
-LABELS = ("hstripes", "vstripes", "checker", "blob")
-
-
-def patterns(n: int, seed: int, size: int = 48, noise: float = 25.0) -> FaceDataset:
-    """4 classes of synthetic grey patterns (flip- and small-rotation-invariant), random phase/frequency/contrast."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, n)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    imgs = np.empty((n, size, size), np.uint8)
-    for i, c in enumerate(y):
-        ph, f = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5) * 48 / size
-        if c == 0:
-            p = np.sin(f * yy + ph)
-        elif c == 1:
-            p = np.sin(f * xx + ph)
-        elif c == 2:
-            p = np.sign(np.sin(f * xx + ph) * np.sin(f * yy + ph))
-        else:
-            cx, cy = size / 2 + rng.uniform(-4, 4), size / 2 + rng.uniform(-4, 4)
-            p = 2 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (rng.uniform(0.12, 0.2) * size) ** 2)) - 1
-        img = 128 + 60 * p * rng.uniform(0.5, 1.0) + rng.normal(0, noise, (size, size))
-        imgs[i] = np.clip(img, 0, 255)
-    return FaceDataset("patterns", "train", LABELS, y, images=imgs)
+from conftest import LABELS, patterns
 
 
 def tiny_cfg(out: Path, **kw) -> TrainConfig:
