@@ -115,7 +115,13 @@ class DAF(Method):
         ce_weight: float = opt(1.0, help="weight of the cross-entropy term (0: TC alone, the literal 'softmax "
                                          "replaced by TC')")
         centre_lr: float = opt(0.5, help="centre update rate alpha (eq. 12)")
-        centre_init_std: float = opt(0.01, help="centres start as N(0, std^2)")
+        centre_init_std: float = opt(0.01, help="centres start as N(0, std^2) (--centre-init normal)")
+        centre_init: Literal["normal", "means"] = opt(
+            "normal", help="normal: N(0, std^2) (4.2); means: the class means of the training embeddings, "
+                           "measured when TC starts (a frozen pass)")
+        lam_warmup: float = opt(0.0, help="epochs over which lambda rises linearly from 0 to --lam (0: off)")
+        tc_start: float = opt(0.0, help="epochs of cross-entropy alone before TC starts (the paper's SFEW recipe "
+                                        "in one run: CE pre-training, then CE + lambda TC); 0: TC from the start")
         tc_reduction: Literal["sum", "mean"] = opt(
             "mean", help="TC over the batch: mean (trains; see the module notes) or sum (eq. 9 as printed: with "
                          "lambda 0.007 it swamps CE and stalls training)")
@@ -216,34 +222,107 @@ class DAF(Method):
             self.tc = TripletCentreLoss(
                 self.trainer.data.num_classes, self.model.feature_dim, margin=o.margin, centre_lr=o.centre_lr,
                 reduction=o.tc_reduction, init_std=o.centre_init_std, generator=g).to(self.device)
+        self.centres_ready = o.centre_init == "normal"  # "means": set when TC starts
+        self._val_emb: list[torch.Tensor] = []
+        self._val_lab: list[torch.Tensor] = []
         log.info("DAF-CNN: stage %s (%s), attention %s%s", o.stage,
                  "CE + lambda TC" if self.use_tc else "cross-entropy only", self.arch_kwargs.get("attention"),
                  f", m={o.margin:g}, lambda={o.lam:g}, centre lr {o.centre_lr:g}, reduction {o.tc_reduction}"
                  if self.tc is not None else "")
 
     # ------------------------------------------------------------------ loop
+    def _tc_on(self) -> bool:
+        """TC is part of the loss from epoch ``tc_start`` on (counted in steps, so fractions work)."""
+        if self.tc is None:
+            return False
+        start = self.opts.tc_start * self.trainer.steps_per_epoch
+        return self.trainer.global_step >= start
+
+    def lam_now(self) -> float:
+        """lambda at this step: --lam, ramped from 0 over --lam-warmup epochs after TC starts."""
+        o = self.opts
+        if o.lam_warmup <= 0:
+            return float(o.lam)
+        spe = self.trainer.steps_per_epoch
+        t = self.trainer.global_step - o.tc_start * spe
+        return float(o.lam) * min(1.0, max(0.0, (t + 1) / (o.lam_warmup * spe)))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """--centre-init means: at the start of the epoch in which TC starts (outside any training step)."""
+        t = self.trainer
+        if self.tc is not None and not self.centres_ready and \
+                t.global_step + t.steps_per_epoch > self.opts.tc_start * t.steps_per_epoch:
+            self._centres_from_means()
+
+    @torch.no_grad()
+    def _centres_from_means(self) -> None:
+        """--centre-init means: the class means of the training embeddings (eval mode, a frozen pass)."""
+        model, t = self.model, self.trainer
+        was = model.training
+        model.eval()
+        k, dim = self.tc.centres.shape
+        sums = torch.zeros(k, dim, device=self.device, dtype=torch.float64)
+        counts = torch.zeros(k, device=self.device, dtype=torch.float64)
+        for b in t.make_batches(t.train_ds, batch_size=2 * t.cfg.batch_size):
+            ok = b.label >= 0
+            e = model(b.input)["embedding"].double()[ok]
+            sums.index_add_(0, b.label[ok], e)
+            counts.index_add_(0, b.label[ok], torch.ones_like(b.label[ok], dtype=torch.float64))
+        t.all_reduce_(sums), t.all_reduce_(counts)
+        have = counts > 0
+        self.tc.centres[have] = (sums[have] / counts[have, None]).to(self.tc.centres.dtype)
+        self.centres_ready = True
+        model.train(was)
+        log.info("DAF-CNN: TC starts at step %d; centres set to the class means of %d training embeddings",
+                 t.global_step, int(counts.sum()))
+
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         out = self.model(batch.input)
         ce = masked_cross_entropy(out["logits"], batch.label, self.cfg.label_smoothing)
         ce_w = float(self.opts.ce_weight)
         logs: dict[str, torch.Tensor] = {"ce": ce.detach()}
         loss = ce * ce_w if ce_w != 1.0 else ce
-        if self.tc is not None:
+        if self._tc_on():
             self.tc.train()
             r = self.tc(out["embedding"].float(), batch.label)
-            loss = loss + float(self.opts.lam) * r.loss
+            lam = self.lam_now()
+            loss = loss + lam * r.loss
             logs.update(tc=r.loss.detach(), tc_active=r.active_fraction,
-                        centre_norm=self.tc.centres.norm(dim=1).mean())
+                        centre_norm=self.tc.centres.norm(dim=1).mean(), lam=torch.tensor(lam))
         logs["loss"] = loss
         return logs
 
     def after_step(self, batch: Batch, logs: dict[str, torch.Tensor]) -> None:
-        if self.tc is not None:  # eq. 12, with the centres and embeddings of this step's forward (whole batch)
+        if self.tc is not None and "tc" in logs:  # eq. 12, with this step's centres and embeddings (whole batch)
             self.tc.update_centres(self.trainer.all_reduce_ if self.trainer.dist.enabled else None)
+
+    # ------------------------------------------------------------------ class separation, every epoch
+    def eval_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        out = self.model(batch.input)
+        self._val_emb.append(out["embedding"].float().cpu())
+        self._val_lab.append(batch.label.cpu())
+        return out
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """Adds how tight the validation embeddings' classes are (``trainers.losses.tc.class_separation``):
+        ``sep_ratio`` (intra / nearest-other distance to the class means of the validation embeddings,
+        lower = tighter), ``sep_intra``, ``sep_inter``; with TC also ``tc_hinge_met`` (eq. 10 satisfied
+        w.r.t. the TC centres)."""
+        if not self._val_emb:
+            return
+        from ..losses.tc import class_separation
+
+        parts = self.trainer.dist.all_gather_object((torch.cat(self._val_emb), torch.cat(self._val_lab)))
+        self._val_emb, self._val_lab = [], []
+        emb, lab = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        sep = class_separation(emb, lab)
+        metrics.update(sep_intra=sep["intra"], sep_inter=sep["inter"], sep_ratio=sep["ratio"])
+        if self.tc is not None and self.centres_ready:
+            metrics["tc_hinge_met"] = class_separation(emb, lab, self.tc.centres.cpu(), self.opts.margin)["hinge_met"]
 
     # ------------------------------------------------------------------ state (centres)
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.tc is None else {"centres": self.tc.centres}
+        return {} if self.tc is None else {"centres": self.tc.centres, "centres_ready": int(self.centres_ready)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.tc is None:
@@ -251,3 +330,4 @@ class DAF(Method):
         if "centres" not in state:
             raise TrainError("the saved state has no TC centres (a --stage ce run?); resume it with --stage ce")
         self.tc.load_state_dict({"centres": state["centres"]})
+        self.centres_ready = bool(state.get("centres_ready", True))
