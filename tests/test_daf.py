@@ -364,3 +364,49 @@ def test_sfew_fine_tuning_from_a_fer2013_checkpoint(trained, tmp_path, monkeypat
     assert main(["--data", "sfew", "--data-dir", str(sfew), "--init", str(init), "--no-attention",
                  "--out", str(tmp_path / "bad"), "--workers", "0"]) == 2
     assert "attention=False given, checkpoint has True" in capsys.readouterr().err
+
+
+def test_tc_start_with_centres_at_the_class_means_and_lambda_warmup(fer_dir, tmp_path):
+    """--tc-start 1 --centre-init means: epoch 1 trains with cross-entropy alone, then the centres are the class
+    means of the training embeddings and TC joins; --lam-warmup 1 ramps lambda over the next epoch."""
+    argv = ["--data", "fer2013", "--data-dir", str(fer_dir), "--batch-size", "32", "--epochs", "2", "--tc-start", "1",
+            "--centre-init", "means", "--lam-warmup", "1", "--out", str(tmp_path / "r"), *TINY]
+    cfg = parse_config(DAF, argv)
+    seen = {}
+
+    class Watch:
+        def on_step_end(self, trainer, epoch, step):
+            if epoch == 2 and step == 1:
+                seen["centres"] = trainer.method.tc.centres.clone()
+
+    tr = Trainer(cfg, DAF, callbacks=[Watch()], argv=["pytest"])
+    from ferengine.preprocess import to_model_input
+    from trainers.data import load_dataset
+
+    ds = load_dataset("fer2013", fer_dir, "train")
+    ref = {}
+    method, measure = tr.method, tr.method._centres_from_means
+
+    def measured_independently():
+        measure()
+        model = tr.model
+        was = model.training
+        model.eval()
+        with torch.no_grad():  # the class means of the training embeddings, by another path (numpy faces)
+            emb = model(torch.from_numpy(to_model_input(ds.images.numpy(), tr.spec)))["embedding"]
+        model.train(was)
+        ref["means"] = torch.stack([emb[ds.labels == k].mean(0) if (ds.labels == k).any()
+                                    else method.tc.centres[k] for k in range(7)])
+        ref["centres"] = method.tc.centres.clone()
+
+    method._centres_from_means = measured_independently
+    tr.fit()
+    with open(tmp_path / "r" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["train_tc"] == "" and float(rows[1]["train_tc"]) > 0, "TC only from epoch 2"
+    lam = float(rows[1]["train_lam"])
+    assert 0 < lam < 0.007, "lambda still ramping during epoch 2 (its mean over the epoch)"
+    torch.testing.assert_close(ref["centres"], ref["means"], atol=1e-4, rtol=1e-4)
+    assert float(ref["means"].norm(dim=1).max()) > 0.1, "real means, not the N(0, 0.01) start"
+    assert "centres" in seen and not torch.equal(seen["centres"], ref["centres"]), "eq. 12 moved them after the start"
+    assert float(rows[1]["val_sep_ratio"]) > 0 and 0 <= float(rows[1]["val_tc_hinge_met"]) <= 1

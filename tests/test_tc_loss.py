@@ -101,3 +101,23 @@ def test_centres_init_and_state():
         TripletCentreLoss(3, 2, margin=1.0, reduction="max")
     with pytest.raises(ValueError):
         triplet_centre_loss(EMB, torch.zeros(6, dtype=torch.long), CENTRES[:1], MARGIN)
+
+
+def test_class_separation_by_hand():
+    from trainers.losses.tc import class_separation
+
+    # two classes on a line: class 0 at x = 0 and 2 (mean 1), class 1 at x = 10 and 12 (mean 11)
+    emb = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 0.0], [12.0, 0.0]])
+    lab = torch.tensor([0, 0, 1, 1])
+    s = class_separation(emb, lab)
+    # D = 1/2 d^2: own centre 1/2 * 1 = 0.5 for every item; nearest other: 1/2 * 11^2, 1/2 * 9^2, 1/2 * 9^2, 1/2 * 11^2
+    assert s["intra"] == pytest.approx(0.5)
+    assert s["inter"] == pytest.approx((60.5 + 40.5 + 40.5 + 60.5) / 4)
+    assert s["ratio"] == pytest.approx(0.5 / 50.5)
+    # against given centres, with the hinge: D_own + m <= D_other
+    c = torch.tensor([[1.0, 0.0], [11.0, 0.0], [100.0, 0.0]])  # an unused third class is left out
+    s = class_separation(emb, lab, c, margin=45.0)
+    assert s["hinge_met"] == pytest.approx(0.5)  # 0.5 + 45 <= 60.5 for two items, not <= 40.5 for the others
+    # unlabelled items are ignored
+    s2 = class_separation(torch.cat([emb, torch.zeros(1, 2)]), torch.cat([lab, torch.tensor([-1])]))
+    assert s2["ratio"] == pytest.approx(0.5 / 50.5)
