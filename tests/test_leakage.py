@@ -46,12 +46,15 @@ def test_copies_on_disk(tmp_path):
         for i in range(4):
             d = tmp_path / "faces" / split / "happy"
             d.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(d / f"{split}{i}.png"), rng.integers(0, 256, (32, 32), np.uint8))
-    shutil.copy(tmp_path / "faces/train/happy/train2.png", tmp_path / "faces/test/happy/test1.png")
+            # BMP: every file has the same byte size, so the size pre-check passes them all and the bytes decide
+            cv2.imwrite(str(d / f"{split}{i}.bmp"), rng.integers(0, 256, (32, 32), np.uint8))
+    shutil.copy(tmp_path / "faces/train/happy/train2.bmp", tmp_path / "faces/test/happy/test1.bmp")
     tr = load_dataset("folder", tmp_path / "faces", "train")
     te = load_dataset("folder", tmp_path / "faces", "test")
     hit = copies_in(te, tr)
-    assert hit.sum() == 1 and [str(f).endswith("test1.png") for f in np.asarray(te.files)[hit]] == [True]
+    assert hit.sum() == 1 and [str(f).endswith("test1.bmp") for f in np.asarray(te.files)[hit]] == [True]
+    assert len({(tmp_path / "faces" / s / "happy" / f"{s}{i}.bmp").stat().st_size for s in ("train", "test")
+                for i in range(4)}) == 1
 
 
 def test_fer_eval_reports_whole_split_and_no_copy_part(data, tmp_path, capsys):

@@ -50,9 +50,37 @@ def image_keys(ds: Any) -> np.ndarray:
     return out
 
 
+def _on_disk(ds: Any) -> bool:
+    return getattr(ds, "images", None) is None and getattr(ds, "files", None) is not None
+
+
+def _keys_pair(eval_ds: Any, train_ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Keys of both datasets. On disk only the files whose byte size occurs in the other dataset are read
+    (a copy has the same size), so the check costs a stat per file, not a read of the whole dataset."""
+    if not (_on_disk(eval_ds) and _on_disk(train_ds)):
+        return image_keys(eval_ds), image_keys(train_ds)
+    import os
+
+    sizes = [np.array([os.path.getsize(f) for f in ds.files], np.int64) for ds in (eval_ds, train_ds)]
+    keys = []
+    for ds, own, other in ((eval_ds, sizes[0], sizes[1]), (train_ds, sizes[1], sizes[0])):
+        k = np.zeros(len(ds), dtype="V16")
+        cand = np.flatnonzero(np.isin(own, other))
+        if len(cand):
+            k[cand] = image_keys(ds.subset(cand))
+        # files that cannot be copies get keys no other item has (their index, tagged by the dataset)
+        rest = np.flatnonzero(~np.isin(own, other))
+        tag = b"E" if ds is eval_ds else b"T"
+        for i in rest:
+            k[i] = tag + int(i).to_bytes(15, "little")
+        keys.append(k)
+    return keys[0], keys[1]
+
+
 def copies_in(eval_ds: Any, train_ds: Any) -> np.ndarray:
     """``(len(eval_ds),)`` bool: the item has a bit-identical copy in ``train_ds``."""
-    return np.isin(image_keys(eval_ds), image_keys(train_ds))
+    ek, tk = _keys_pair(eval_ds, train_ds)
+    return np.isin(ek, tk)
 
 
 @dataclass
@@ -80,7 +108,7 @@ class Copies:
 def find_copies(eval_ds: Any, train_ds: Any, train_split: str = "train") -> Copies:
     """:class:`Copies` of ``eval_ds`` in ``train_ds`` (labels compared where both have one)."""
     t0 = time.perf_counter()
-    ek, tk = image_keys(eval_ds), image_keys(train_ds)
+    ek, tk = _keys_pair(eval_ds, train_ds)
     mask = np.isin(ek, tk)
     same = 0
     if mask.any():
