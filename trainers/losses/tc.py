@@ -7,8 +7,13 @@ For embedding ``e_i`` with label ``p``, class centres ``c_1..c_K``:
 - the nearest negative centre ``q_i = argmin_{j != p} D(e_i, c_j)``;
 - eq. 10: ``L_i = max(D(e_i, c_p) + m - D(e_i, c_q), 0)``;
 - eq. 9: ``L_tc = sum_i L_i`` over the batch (``reduction="sum"``, this function's default, the letter of
-  the paper). ``trainers.daf`` uses ``"mean"``: with the paper's lambda = 0.007 the sum outweighs the
-  batch-mean cross-entropy ~100:1 and stalls training (measured; see the notes in ``trainers/daf.py``);
+  the paper); ``"mean"`` divides by the batch size M, as Wen et al.'s own centre-loss layer does
+  (ydwen/caffe-face, ``center_loss_layer.cpp``: ``loss = dot / M / 2``, feature gradient scaled by 1/M).
+  What the two mean next to the batch-mean cross-entropy of eq. 13, with lambda = 0.007, m = 11, M = 128:
+  in *value*, the sum starts at lambda * M * ~m ~ 10, about 5x CE's ~1.9, the mean at ~0.08; in *per-item
+  gradient weight*, CE gives each item 1/M = 0.0078, the sum lambda = 0.007 (about 1:1) and the mean
+  lambda / M = 5.5e-5 (143x weaker than CE). Which reading ``trainers.daf`` uses, and what each did in
+  measured runs: ``trainers/methods/daf.py`` and docs/daf-reproduction.md;
 - eq. 11: ``dL/de_i = (c_q - c_p) * [L_i > 0]`` -- exactly what autograd gives with the centres held
   constant (they are a buffer, not a parameter), see :func:`feature_gradient`;
 - eq. 12, the centre rule, applied outside the optimiser::
