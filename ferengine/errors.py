@@ -7,7 +7,7 @@ message always says what is wrong and what to do.
 from __future__ import annotations
 
 __all__ = ["FerError", "CheckpointError", "BackendUnavailable", "DeviceError", "ExportError",
-           "DetectorUnavailable", "SourceError", "EndOfStream", "UnknownModelError"]
+           "DetectorUnavailable", "SourceError", "EndOfStream", "UnknownModelError", "InvalidValue"]
 
 
 class FerError(Exception):
@@ -48,3 +48,8 @@ class UnknownModelError(FerError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
         return str(self.args[0])
+
+
+class InvalidValue(FerError, ValueError):
+    """A user-given number or name out of its range (``ferengine.validate``: the library and every command
+    line use the same checks and messages)."""

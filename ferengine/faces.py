@@ -19,6 +19,7 @@ import numpy as np
 
 from .assets import asset_path
 from .errors import DetectorUnavailable
+from .validate import check_max_faces, check_min_confidence
 
 __all__ = ["DETECTOR_MODELS", "KEYPOINT_NAMES", "DetectorUnavailable", "Face", "FaceDetector", "IoUTracker", "iou"]
 
@@ -132,10 +133,7 @@ class FaceDetector:
 
     @min_confidence.setter
     def min_confidence(self, value: float) -> None:
-        value = float(value)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"min_confidence must be in [0, 1], got {value}")
-        self._min_confidence = value  # a rebuild, if needed, happens in the next detect()
+        self._min_confidence = check_min_confidence(value)  # a rebuild, if needed, happens in the next detect()
 
     @property
     def max_faces(self) -> int:
@@ -143,9 +141,7 @@ class FaceDetector:
 
     @max_faces.setter
     def max_faces(self, value: int) -> None:
-        if int(value) != value or value < 0:
-            raise ValueError(f"max_faces must be an integer >= 0 (0 = unlimited), got {value}")
-        self._max_faces = int(value)
+        self._max_faces = check_max_faces(value)
 
     @property
     def closed(self) -> bool:

@@ -124,10 +124,9 @@ class Pipeline:
 
     @smoothing.setter
     def smoothing(self, value: float) -> None:
-        value = float(value)
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"smoothing must be in [0, 1) (0 = off), got {value}")
-        self._smoothing = value
+        from .validate import check_smoothing
+
+        self._smoothing = check_smoothing(value)
 
     @property
     def min_confidence(self) -> float:
