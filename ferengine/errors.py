@@ -7,7 +7,8 @@ message always says what is wrong and what to do.
 from __future__ import annotations
 
 __all__ = ["FerError", "CheckpointError", "BackendUnavailable", "DeviceError", "ExportError",
-           "DetectorUnavailable", "SourceError", "EndOfStream", "UnknownModelError", "InvalidValue"]
+           "DetectorUnavailable", "SourceError", "EndOfStream", "UnknownModelError", "InvalidValue",
+           "OutputError"]
 
 
 class FerError(Exception):
@@ -53,3 +54,9 @@ class UnknownModelError(FerError, KeyError):
 class InvalidValue(FerError, ValueError):
     """A user-given number or name out of its range (``ferengine.validate``: the library and every command
     line use the same checks and messages)."""
+
+
+class OutputError(FerError, OSError):
+    """An output file cannot be written (folder missing or read-only, a folder given as the file, disk
+    full ...); the message names the output as the user gave it, never a hidden temp file
+    (``ferengine.fileio``)."""
