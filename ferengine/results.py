@@ -13,10 +13,11 @@ import csv
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import InvalidValue, OutputError
+from .fileio import check_output, create_temp, describe_os_error, fsync_folder, partial_path, show
 from .pipeline import FrameResult
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,26 @@ PIXEL_DECIMALS = 2
 VALUE_DECIMALS = 5
 
 
+# the keys of frame_result_to_dicts beyond the CSV columns
+EXTRA_KEYS = ("confidence", "keypoints")
+
+
+def check_label_names(labels: Sequence[str], reserved: Sequence[str] = (*LEADING_COLUMNS, *TRAILING_COLUMNS,
+                                                                        *EXTRA_KEYS)) -> None:
+    """Class names become columns (CSV) and keys (JSON) beside a row's own fields: a name equal to one of
+    those, or repeated, would silently overwrite a value. Raises :class:`InvalidValue` (a ``ValueError``)."""
+    clash = sorted({c for c in labels if c in reserved})
+    dupes = sorted({c for c in labels if list(labels).count(c) > 1})
+    if clash or dupes:
+        what = "; ".join(([f"{clash} are also the names of result fields ({', '.join(reserved)})"] if clash else [])
+                         + ([f"{dupes} occur more than once"] if dupes else []))
+        raise InvalidValue(f"class names {list(labels)} clash: {what}; rename the classes in the checkpoint")
+
+
 def csv_columns(labels: Sequence[str]) -> list[str]:
     """The CSV header for a model with class names ``labels``."""
-    cols = [*LEADING_COLUMNS, *labels, *TRAILING_COLUMNS]
-    clash = sorted({c for c in labels if c in LEADING_COLUMNS or c in TRAILING_COLUMNS})
-    if clash or len(set(labels)) != len(labels):
-        raise ValueError(f"class names {list(labels)} clash with each other or with the CSV columns {clash}")
-    return cols
+    check_label_names(labels)
+    return [*LEADING_COLUMNS, *labels, *TRAILING_COLUMNS]
 
 
 def _num(value: float | None, decimals: int) -> str:
@@ -48,33 +62,61 @@ def _num(value: float | None, decimals: int) -> str:
 
 
 class ResultWriter:
-    """Write :class:`FrameResult` rows to ``path`` as CSV (columns: see the module docstring).
+    """Write :class:`FrameResult` rows to ``path`` as CSV (columns: see the module docstring), by the
+    output rule of :mod:`ferengine.fileio`.
 
-    Rows go to a temporary file in the same folder (``.<name>.<random>.part``), flushed after every
-    :meth:`write`; :meth:`close` renames it to ``path`` (atomic: readers never see a half-written file
-    under the final name, and an existing file is replaced only then). When the ``with`` block ends
-    with an exception the rows written so far are still renamed to ``path``: an analysis that fails
-    halfway keeps what it produced (the exception propagates). Only if the process itself dies is the
-    ``.part`` file left behind, with every row written up to the last :meth:`write`.
+    The target is resolved and checked when the writer is made (a folder, a missing or read-only folder
+    fail here, before any frame is analysed; a symlink is written through to its target). Rows go to a
+    temp file beside the target (``.<name>.fer-<pid>-....part``), flushed after every :meth:`write`;
+    :meth:`close` renames it to the target (atomic: readers never see a half-written file under the
+    final name, and an existing file is replaced only then).
+
+    A result that stops halfway never takes the final name: when the ``with`` block ends with an
+    exception (Ctrl-C, a video that fails mid-way, a full disk), :meth:`abort` keeps the rows written so
+    far as :attr:`partial` (``results.partial.csv``) and the previous ``results.csv``, if any, is left
+    as it was. If the process itself is killed, the ``.part`` file stays (with every row up to the last
+    :meth:`write`) and the next writer of the same target keeps it as ``results.partial.csv``.
+
+    A device, FIFO or ``/dev/stdout`` is written into directly (rows appear as they are produced).
     """
 
     def __init__(self, path: str | os.PathLike, labels: Sequence[str]):
         self.path = Path(path)
         self.labels = tuple(labels)
         self.columns = csv_columns(self.labels)
-        folder = self.path.parent
-        if not folder.is_dir():
-            raise FileNotFoundError(f"cannot write {self.path}: folder {folder} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=folder)
-        self._tmp = Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the result the usual permissions
-        self._fh = os.fdopen(fd, "w", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._fh, lineterminator="\n")
-        self._csv.writerow(self.columns)
-        self._fh.flush()
+        self.target = check_output(self.path)
+        self.partial = None if self.target.special else partial_path(self.target.path)
         self.rows = 0
+        self.frames = 0
+        self.last_frame: int | None = None
+        self._tmp: Path | None = None
+        try:
+            if self.target.special:
+                self._fh = open(self.target.path, "w", newline="", encoding="utf-8")
+            else:
+                self._tmp = create_temp(self.target.path, "part")
+                self._fh = open(self._tmp, "w", newline="", encoding="utf-8")
+            self._csv = csv.writer(self._fh, lineterminator="\n")
+            self._csv.writerow(self.columns)
+            self._fh.flush()
+        except OSError as exc:
+            self._discard()
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> OutputError:
+        return exc if isinstance(exc, OutputError) else \
+            OutputError(f"cannot write {show(self.path)}: {describe_os_error(exc)}")
+
+    def _discard(self) -> None:
+        fh, self._fh = getattr(self, "_fh", None), None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
 
     @property
     def closed(self) -> bool:
@@ -104,31 +146,81 @@ class ResultWriter:
                 _num(face.valence, VALUE_DECIMALS), _num(face.arousal, VALUE_DECIMALS), face.av_source,
             ])
         if rows:
-            self._csv.writerows(rows)
-            self._fh.flush()
+            try:
+                self._csv.writerows(rows)
+                self._fh.flush()
+            except OSError as exc:
+                raise self._error(exc) from None
             self.rows += len(rows)
+        self.frames += 1
+        self.last_frame = int(fr.index)
         return len(rows)
 
     def close(self) -> Path:
-        """Finish the file and move it to :attr:`path` (idempotent). Returns the path."""
+        """Finish the file and move it to the target (idempotent). Returns :attr:`path`. When finishing
+        fails (a full disk at the last flush), the rows are kept as :attr:`partial` and
+        :class:`OutputError` is raised."""
         if self._fh is None:
             return self.path
-        fh, self._fh = self._fh, None
+        fh = self._fh
         try:
             fh.flush()
-            os.fsync(fh.fileno())
-        finally:
-            fh.close()
-        os.replace(self._tmp, self.path)
+            if self._tmp is not None:
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc) from None
+        self._fh = None
+        fh.close()
+        if self._tmp is not None:
+            try:
+                os.replace(self._tmp, self.target.path)
+            except OSError as exc:
+                self.abort()
+                raise self._error(exc) from None
+            self._tmp = None
+            fsync_folder(self.target.path.parent)
         return self.path
+
+    def abort(self) -> Path | None:
+        """Stop without finishing: the target is left as it was; the rows written so far are kept as
+        :attr:`partial` (``results.partial.csv``, replacing an older partial file) and that path is
+        returned. ``None`` when nothing needed keeping (no frame was written, or a special file that
+        already received the rows). Idempotent."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
+        tmp, self._tmp = self._tmp, None
+        if tmp is None:
+            return None
+        if self.frames == 0:
+            tmp.unlink(missing_ok=True)
+            return None
+        try:
+            os.replace(tmp, self.partial)
+        except OSError as exc:  # the rows stay in the temp file, which the next writer keeps as partial
+            log.warning("cannot keep the unfinished rows of %s as %s: %s (they are in %s)", show(self.path),
+                        show(self.partial), describe_os_error(exc), show(tmp))
+            return tmp
+        return self.partial
 
     def __enter__(self) -> "ResultWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and self._fh is not None:
-            log.warning("keeping the %d rows written before the error in %s", self.rows, self.path)
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        if self._fh is None and self._tmp is None:
+            return
+        kept = self.abort()
+        if kept is not None:
+            log.warning("%s did not finish (%s): the %d rows of %d frames written so far are kept in %s; "
+                        "%s was not changed", show(self.path), exc_type.__name__, self.rows, self.frames,
+                        show(kept), show(self.path))
 
 
 def frame_result_to_dicts(fr: FrameResult, labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -138,6 +230,7 @@ def frame_result_to_dicts(fr: FrameResult, labels: Sequence[str] | None = None) 
     name, ``valence, arousal, av_source``) plus ``confidence`` (the label's probability) and ``keypoints`` (6 ``[x, y]`` pairs). ``labels`` defaults to ``fr.labels``.
     """
     names = tuple(labels) if labels is not None else tuple(fr.labels)
+    check_label_names(names)
     out = []
     for face in fr.faces:
         x, y, w, h = (round(float(v), PIXEL_DECIMALS) for v in face.box)

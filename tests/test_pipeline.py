@@ -11,6 +11,7 @@ from ferengine import checkpoint as ck
 from ferengine.faces import Face, IoUTracker
 from ferengine.labels import AV_ANCHORS, LABEL_SETS, estimate_va
 from ferengine.pipeline import FaceResult, FrameResult, Pipeline
+from ferengine.errors import OutputError
 from ferengine.results import ResultWriter, csv_columns, frame_result_to_dicts
 
 LABELS = LABEL_SETS["fer7"]
@@ -344,22 +345,23 @@ def test_csv_columns_and_values(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["res.csv"]  # no temp file left
 
 
-def test_csv_kept_when_the_block_raises(tmp_path):
+def test_csv_kept_as_partial_when_the_block_raises(tmp_path):
     pd = pytest.importorskip("pandas")
-    out = tmp_path / "partial.csv"
+    out = tmp_path / "res.csv"
     out.write_text("old contents\n")
     with pytest.raises(KeyboardInterrupt):
         with ResultWriter(out, LABELS) as w:
             w.write(_frame_result(0, [(1, _onehot(3))]))
             assert out.read_text() == "old contents\n"  # replaced atomically, only at the end
             raise KeyboardInterrupt
-    df = pd.read_csv(out)
+    assert out.read_text() == "old contents\n"  # an unfinished result never takes the final name
+    df = pd.read_csv(tmp_path / "res.partial.csv")
     assert len(df) == 1 and df.loc[0, "label"] == "happy"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.csv", "res.partial.csv"]
 
 
 def test_writer_rejects_mismatched_labels_and_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OutputError, match="folder .*nope does not exist"):
         ResultWriter(tmp_path / "nope" / "r.csv", LABELS)
     with pytest.raises(ValueError, match="clash"):
         ResultWriter(tmp_path / "r.csv", ("happy", "label"))
