@@ -36,6 +36,47 @@ def canonical(name: str) -> str:
     return ALIASES.get(key, key)
 
 
+# The per-face fields of the result rows (``ferengine.results``: CSV columns and JSON keys). A class name equal to
+# one of them would overwrite the row's own field, so checkpoints may not use them (defined here, where the
+# checkpoint contract and the result writer can both import them without an import cycle).
+RESULT_LEADING_FIELDS = ("frame", "time_s", "face_id", "x", "y", "w", "h", "score", "label")
+RESULT_TRAILING_FIELDS = ("valence", "arousal", "av_source")
+RESULT_JSON_FIELDS = ("confidence", "keypoints")
+RESERVED_CLASS_NAMES = frozenset(RESULT_LEADING_FIELDS + RESULT_TRAILING_FIELDS + RESULT_JSON_FIELDS)
+
+MAX_CLASS_NAME_CHARS = 100
+
+
+def check_class_names(labels: Sequence[str]) -> list[str]:
+    """The class names of a model, checked: each a non-empty string (surrounding spaces are dropped) of at most
+    :data:`MAX_CLASS_NAME_CHARS` printable characters, no two the same after :func:`canonical` (``Happy`` and
+    ``happy ``, or ``anger`` and ``angry``, are one class to anchors, colours and evaluation), none equal to a
+    result field (:data:`RESERVED_CLASS_NAMES`, compared case-insensitively). Returns the names stripped;
+    raises ``ValueError`` with one sentence naming the first offending name and what to do."""
+    out: list[str] = []
+    seen: dict[str, str] = {}
+    for i, name in enumerate(labels):
+        if not isinstance(name, str):
+            raise ValueError(f"class name {i} must be a string, got {name!r} ({type(name).__name__})")
+        text = name.strip()
+        if not text:
+            raise ValueError(f"class name {i} is empty; give every class a name")
+        if len(text) > MAX_CLASS_NAME_CHARS:
+            raise ValueError(f"class name {i} has {len(text)} characters (at most {MAX_CLASS_NAME_CHARS})")
+        if not text.isprintable():
+            raise ValueError(f"class name {i} {text!r} holds control characters (line breaks, tabs ...)")
+        key = canonical(text)
+        if key in RESERVED_CLASS_NAMES:
+            raise ValueError(f"class name {text!r} is also a field of every result row ({', '.join(sorted(RESERVED_CLASS_NAMES))}) "
+                             f"and would overwrite it; rename the class")
+        if key in seen:
+            raise ValueError(f"class names {seen[key]!r} and {text!r} name the same class ({key!r}); every class "
+                             f"needs its own name")
+        seen[key] = text
+        out.append(text)
+    return out
+
+
 def label_set(name: str) -> tuple[str, ...]:
     try:
         return LABEL_SETS[name]

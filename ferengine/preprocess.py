@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidValue
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -46,21 +48,37 @@ class InputSpec:
     source_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise ValueError(f"InputSpec.channels must be 1 or 3, got {self.channels}")
-        if not 8 <= int(self.size) <= 1024:
-            raise ValueError(f"InputSpec.size must be in 8..1024, got {self.size}")
-        object.__setattr__(self, "mean", _per_channel(self.mean, self.channels, "mean"))
-        object.__setattr__(self, "std", _per_channel(self.std, self.channels, "std"))
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"InputSpec.std must be positive, got {self.std}")
-        if self.crop_margin <= -0.9:
-            raise ValueError(f"InputSpec.crop_margin must be > -0.9, got {self.crop_margin}")
+        # every field checked here, once, for the constructor and from_dict alike: a spec read from an untrusted
+        # checkpoint with NaN, a negative std, a zero size or a string for a number fails with one sentence
+        size = _int_field(self.size, "size", SIZE_RANGE)
+        if self.channels not in (1, 3) or isinstance(self.channels, (bool, np.bool_, str)):
+            raise InvalidValue(f"InputSpec.channels must be 1 (grey) or 3 (RGB), got {_shown(self.channels)}")
+        channels = int(self.channels)
+        set_ = object.__setattr__
+        set_(self, "size", size)
+        set_(self, "channels", channels)
+        mean = _per_channel(self.mean, channels, "mean")
+        std = _per_channel(self.std, channels, "std")
+        if any(not s > 0 for s in std):
+            raise InvalidValue(f"InputSpec.std must be positive finite numbers, got {list(std)}")
+        set_(self, "mean", mean)
+        set_(self, "std", std)
+        margin = _float_field(self.crop_margin, "crop_margin")
+        if not CROP_MARGIN_RANGE[0] < margin <= CROP_MARGIN_RANGE[1]:
+            raise InvalidValue(f"InputSpec.crop_margin must be > {CROP_MARGIN_RANGE[0]:g} and <= "
+                               f"{CROP_MARGIN_RANGE[1]:g} (a fraction of the face box), got {self.crop_margin!r}")
+        offset = _float_field(self.crop_offset_y, "crop_offset_y")
+        if not CROP_OFFSET_RANGE[0] <= offset <= CROP_OFFSET_RANGE[1]:
+            raise InvalidValue(f"InputSpec.crop_offset_y must be in [{CROP_OFFSET_RANGE[0]:g}, {CROP_OFFSET_RANGE[1]:g}] "
+                               f"(a fraction of the face box), got {self.crop_offset_y!r}")
+        set_(self, "crop_margin", margin)
+        set_(self, "crop_offset_y", offset)
+        if not isinstance(self.align, (bool, np.bool_)):
+            raise InvalidValue(f"InputSpec.align must be true or false, got {_shown(self.align)}")
+        set_(self, "align", bool(self.align))
         if self.source_size is not None:
-            if not 8 <= int(self.source_size) <= 1024:
-                raise ValueError(f"InputSpec.source_size must be in 8..1024, got {self.source_size}")
-            object.__setattr__(self, "source_size", None if int(self.source_size) == int(self.size)
-                               else int(self.source_size))
+            source = _int_field(self.source_size, "source_size", SIZE_RANGE)
+            set_(self, "source_size", None if source == size else source)
 
     @property
     def crop_size(self) -> int:
@@ -75,24 +93,74 @@ class InputSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
+    def from_dict(cls, d: Any) -> "InputSpec":
+        """The spec from its :meth:`to_dict` form (a checkpoint's ``input`` object); raises
+        :class:`~ferengine.errors.InvalidValue` (a ``ValueError``) naming the field and what it must be."""
+        if not isinstance(d, dict):
+            raise InvalidValue(f"the input spec must be an object of fields ({', '.join(f.name for f in fields(cls))}), "
+                               f"got {_shown(d)}")
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        unknown = set(map(str, d)) - known
         if unknown:
-            raise ValueError(f"unknown input-spec fields {sorted(unknown)}; expected some of {sorted(known)}")
-        kw = dict(d)
-        for k in ("mean", "std"):
-            if k in kw:
-                kw[k] = tuple(float(v) for v in kw[k])
-        return cls(**kw)
+            raise InvalidValue(f"unknown input-spec fields {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**d)
 
 
-def _per_channel(v: Sequence[float] | float, channels: int, name: str) -> tuple[float, ...]:
-    vals = (float(v),) if isinstance(v, (int, float)) else tuple(float(x) for x in v)
+SIZE_RANGE = (8, 1024)
+CROP_MARGIN_RANGE = (-0.9, 10.0)  # (open, closed]
+CROP_OFFSET_RANGE = (-2.0, 2.0)
+
+
+def _shown(v: Any) -> str:
+    """``v`` for a message: its repr (cut at 40 characters) and its type."""
+    text = repr(v)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{text} ({type(v).__name__})"
+
+
+def _int_field(v: Any, name: str, bounds: tuple[int, int]) -> int:
+    lo, hi = bounds
+    ok = isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+    if not ok and isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
+        ok = True
+    if not ok:
+        raise InvalidValue(f"InputSpec.{name} must be an integer from {lo} to {hi}, got {_shown(v)}")
+    x = int(v)
+    if not lo <= x <= hi:
+        raise InvalidValue(f"InputSpec.{name} must be an integer from {lo} to {hi}, got {x}")
+    return x
+
+
+def _float_field(v: Any, name: str) -> float:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise InvalidValue(f"InputSpec.{name} must be a number, got {_shown(v)}")
+    x = float(v)
+    if not math.isfinite(x):
+        raise InvalidValue(f"InputSpec.{name} must be a finite number, got {x}")
+    return x
+
+
+def _count(n: int) -> str:
+    return "1 number" if n == 1 else f"{n} numbers"
+
+
+def _per_channel(v: Any, channels: int, name: str) -> tuple[float, ...]:
+    if isinstance(v, (list, tuple, np.ndarray)):
+        items = list(v)
+    else:
+        items = [v]
+    if not all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+               for x in items):
+        raise InvalidValue(f"InputSpec.{name} must be a number or a list of {_count(channels)}, got {_shown(v)}")
+    vals = tuple(float(x) for x in items)
     if len(vals) == 1:
         vals = vals * channels
     if len(vals) != channels:
-        raise ValueError(f"InputSpec.{name} needs 1 or {channels} values, got {len(vals)}")
+        raise InvalidValue(f"InputSpec.{name} needs {'1 value' if channels == 1 else f'1 or {channels} values'} "
+                           f"for {channels} channel(s), got {len(vals)}")
+    if not all(math.isfinite(x) for x in vals):
+        raise InvalidValue(f"InputSpec.{name} must be finite numbers, got {list(vals)}")
     return vals
 
 

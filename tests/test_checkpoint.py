@@ -97,7 +97,7 @@ def test_file_of_another_format(tmp_path):
         ck.load(path)
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    with pytest.raises(ck.CheckpointError, match="not a fer-desktop checkpoint"):
+    with pytest.raises(ck.CheckpointError, match="empty file"):
         ck.load(empty)
 
 
