@@ -15,7 +15,10 @@ import contextlib
 import logging
 import os
 import re
+import shutil
+import stat
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +33,78 @@ from .errors import EndOfStream, SourceError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+CAMERA_HINT = "a camera is given by its index (0, 1, ...) or its /dev/videoN device"
+
+
+def show(path: str | os.PathLike) -> str:
+    """A path as printable text (bytes that are not UTF-8 show as U+FFFD)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def check_input_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` is a regular file this process can read, or :class:`SourceError` saying what it is instead.
+
+    Nothing here opens a FIFO or device (that would block, or hand a stream to a decoder that waits
+    forever): they are refused by their type first. ``what`` names the expected kind in messages
+    ("video file", "image file").
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SourceError(f"{show(path)}: no such file") from None
+    except NotADirectoryError:
+        raise SourceError(f"{show(path)}: no such file (a part of the path is a file, not a folder)") from None
+    except OSError as exc:
+        raise SourceError(f"cannot open {show(path)}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SourceError(f"{show(path)}: is a folder, not a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        hint = f"; {CAMERA_HINT}" if what == "video file" else ""
+        raise SourceError(f"{show(path)}: is {_kind_of(st.st_mode)}, not a {what}: fer reads {what}s from disk "
+                          f"(save a stream to a file first){hint}")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise SourceError(f"cannot read {show(path)}: {exc.strerror or exc}") from None
+    os.close(fd)
+    return path
+
+
+def _camera_device_index(path: Path) -> int | None:
+    """N for a path that is (or links to) the Linux camera device ``/dev/videoN``, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        if not stat.S_ISCHR(os.stat(path).st_mode):
+            return None
+    except OSError:
+        return None
+    m = re.fullmatch(r"/dev/video(\d+)", os.path.realpath(path))
+    return int(m.group(1)) if m else None
+
+
+def _opencv_safe(name: str) -> bool:
+    """Whether OpenCV can be handed ``name`` as is: a name that is not valid UTF-8 (its bytes kept as
+    surrogate escapes by Python) crashes ``cv2.VideoCapture`` (a segfault, OpenCV 5.1)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 
@@ -267,21 +342,24 @@ class VideoSource(Source):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.name = self.path.name
-        if not self.path.exists():
-            raise SourceError(f"{self.path}: no such file")
-        if self.path.is_dir():
-            raise SourceError(f"{self.path}: is a folder, not a video file")
+        self.name = show(self.path.name)
+        self._link_dir: str | None = None
+        check_input_file(self.path, "video file")
+        name = os.path.abspath(self.path)  # absolute: FFmpeg would read "http:x" or "concat:x" as a protocol
+        if not _opencv_safe(name):
+            name = self._safe_link(name)
         with _quiet_opencv():
-            cap = cv2.VideoCapture(str(self.path))
+            cap = cv2.VideoCapture(name)
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"cannot decode {self.path}: OpenCV could not open it as a video "
+            self._drop_link()
+            raise SourceError(f"cannot decode {show(self.path)}: OpenCV could not open it as a video "
                               "(not a video, damaged, or a codec FFmpeg lacks)")
         codec = _fourcc(cap)
         if codec in _TEXT_CODECS:
             cap.release()
-            raise SourceError(f"cannot decode {self.path}: it is a text file, not a video (FFmpeg would "
+            self._drop_link()
+            raise SourceError(f"cannot decode {show(self.path)}: it is a text file, not a video (FFmpeg would "
                               f"render it as {codec!r} text art)")
         self._cap: cv2.VideoCapture | None = cap
         self.codec = codec
@@ -293,14 +371,14 @@ class VideoSource(Source):
 
     def read(self) -> Frame:
         if self._cap is None:
-            raise SourceError(f"{self.path} is closed")
+            raise SourceError(f"{show(self.path)} is closed")
         ok, image = self._cap.read()
         if not ok or image is None:
             if self._index == 0:
-                raise SourceError(f"cannot decode {self.path}: no frame could be read from it")
+                raise SourceError(f"cannot decode {show(self.path)}: no frame could be read from it")
             if self.frame_count and self._index < self.frame_count - 1:
-                log.warning("%s: decoding stopped at frame %d of %d", self.path, self._index, self.frame_count)
-            raise EndOfStream(f"{self.path}: end of video after {self._index} frames")
+                log.warning("%s: decoding stopped at frame %d of %d", show(self.path), self._index, self.frame_count)
+            raise EndOfStream(f"{show(self.path)}: end of video after {self._index} frames")
         if self.fps:
             t = self._index / self.fps
         else:
@@ -309,10 +387,34 @@ class VideoSource(Source):
         self._index += 1
         return frame
 
+    def _safe_link(self, name: str) -> str:
+        """A symlink with a plain name (``video.<ext>``) to ``name`` in a private temp folder, for names
+        OpenCV cannot take (see :func:`_opencv_safe`); removed by :meth:`close`."""
+        suffix = self.path.suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", self.path.suffix) else ""
+        try:
+            self._link_dir = tempfile.mkdtemp(prefix="fer-video-")
+            link = os.path.join(self._link_dir, "video" + suffix)
+            os.symlink(name, link)
+        except OSError as exc:
+            self._drop_link()
+            raise SourceError(f"cannot open {show(self.path)}: its name is not valid UTF-8, which OpenCV cannot "
+                              f"take, and a temporary link to it could not be made ({exc.strerror or exc});"
+                              " rename the file") from None
+        return link
+
+    def _drop_link(self) -> None:
+        if self._link_dir is not None:
+            shutil.rmtree(self._link_dir, ignore_errors=True)
+            self._link_dir = None
+
     def close(self) -> None:
         if self._cap is not None:
             self._cap.release()
             self._cap = None
+        self._drop_link()
+
+    def __del__(self) -> None:
+        self._drop_link()
 
 
 # -------------------------------------------------------------------------------------------- images
@@ -338,12 +440,10 @@ def _imread(path: Path) -> np.ndarray | None:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """One image file as BGR uint8; :class:`SourceError` naming the file when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"{path}: no such file")
+    path = check_input_file(path, "image file")
     image = _imread(path)
     if image is None:
-        raise SourceError(f"cannot decode {path}: not an image OpenCV can read, or damaged")
+        raise SourceError(f"cannot decode {show(path)}: not an image OpenCV can read, or damaged")
     return _as_bgr(image)
 
 
@@ -368,13 +468,13 @@ class ImageFolderSource(Source):
         self.name = self.folder.name
         if paths is None:
             if not self.folder.is_dir():
-                raise SourceError(f"{self.folder}: no such folder")
+                raise SourceError(f"{show(self.folder)}: no such folder")
             paths = sorted(
                 (p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
                 key=_natural_key,
             )
             if not paths:
-                raise SourceError(f"{self.folder}: no images in this folder (looked for "
+                raise SourceError(f"{show(self.folder)}: no images in this folder (looked for "
                                   f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         self.paths = list(paths)
         self.frame_count = len(self.paths)
@@ -393,17 +493,15 @@ class ImageFolderSource(Source):
             self._delivered += 1
             return Frame(_as_bgr(image), i, 0.0, path)
         if self._delivered == 0:
-            raise SourceError(f"{self.folder}: none of its {len(self.paths)} images could be decoded")
-        raise EndOfStream(f"{self.folder}: no more images")
+            raise SourceError(f"{show(self.folder)}: none of its {len(self.paths)} images could be decoded")
+        raise EndOfStream(f"{show(self.folder)}: no more images")
 
 
 class ImageSource(ImageFolderSource):
     """A single image file: one frame, then the end. An undecodable file raises :class:`SourceError`."""
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        if not path.is_file():
-            raise SourceError(f"{path}: no such file")
+        path = check_input_file(path, "image file")
         super().__init__(path.parent, paths=[path])
         self.name = path.name
         self.path = path
@@ -413,18 +511,19 @@ class ImageSource(ImageFolderSource):
             self._next = 1
             image = _imread(self.path)
             if image is None:
-                raise SourceError(f"cannot decode {self.path}: not an image OpenCV can read, or damaged")
+                raise SourceError(f"cannot decode {show(self.path)}: not an image OpenCV can read, or damaged")
             self._delivered = 1
             return Frame(_as_bgr(image), 0, 0.0, self.path)
-        raise EndOfStream(f"{self.path}: no more images")
+        raise EndOfStream(f"{show(self.path)}: no more images")
 
 
 # ----------------------------------------------------------------------------------------- factory
 
 
 def open_source(spec: int | str | os.PathLike, **kwargs) -> Source:
-    """Open ``spec``: an int or digit string is a camera index, a folder gives its images, an image
-    file one frame, any other file is decoded as a video. ``kwargs`` go to :class:`CameraSource`."""
+    """Open ``spec``: an int or digit string is a camera index (so is a ``/dev/videoN`` device on Linux), a
+    folder gives its images, an image file one frame, any other regular file is decoded as a video; FIFOs,
+    sockets and other devices are refused (:func:`check_input_file`). ``kwargs`` go to :class:`CameraSource`."""
     if isinstance(spec, bool):
         raise SourceError(f"not a source: {spec!r}")
     if isinstance(spec, (int, np.integer)):
@@ -434,8 +533,11 @@ def open_source(spec: int | str | os.PathLike, **kwargs) -> Source:
     path = Path(spec)
     if path.is_dir():
         return ImageFolderSource(path)
-    if not path.exists():
-        raise SourceError(f"{path}: no such file or folder")
+    if not os.path.lexists(path):
+        raise SourceError(f"{show(path)}: no such file or folder")
+    camera = _camera_device_index(path)
+    if camera is not None:
+        return CameraSource(camera, **kwargs)
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return ImageSource(path)
     return VideoSource(path)

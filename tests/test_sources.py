@@ -67,6 +67,74 @@ def test_non_video_file_cannot_decode(tmp_path, name):
     assert not isinstance(err.value, EndOfStream)
 
 
+def test_video_whose_name_is_not_utf8_opens(synthetic_video, tmp_path):
+    """cv2.VideoCapture segfaults on a name with non-UTF-8 bytes; the source opens it through a link with a
+    plain name (in a subprocess: a regression would kill the interpreter, not fail an assert)."""
+    import os
+    import subprocess
+    import sys
+
+    name = os.fsencode(tmp_path) + b"/clip-\xff\xfe.avi"
+    with open(synthetic_video, "rb") as fh, open(name, "wb") as out:
+        out.write(fh.read())
+    code = ("import os, sys\nfrom ferengine.sources import open_source\n"
+            "with open_source(os.fsdecode(sys.argv[1].encode('utf-8', 'surrogateescape'))) as src:\n"
+            "    n, link = sum(1 for _ in src), src._link_dir\n"
+            "print(n, src.name, link is not None and not os.path.exists(link))\n")
+    out = subprocess.run([sys.executable, "-c", code, os.fsdecode(name)], capture_output=True, timeout=120,
+                         env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
+    n, shown, cleaned = out.stdout.decode().split()
+    assert int(n) == SYNTH_FRAMES and shown == "clip-\ufffd\ufffd.avi" and cleaned == "True"
+
+
+@pytest.mark.parametrize("name", ["100%d.avi", "a%03d.avi", "http:clip.avi", "caf\u00e9 \u263a.avi"])
+def test_video_names_that_look_special_open_as_files(synthetic_video, tmp_path, name, monkeypatch):
+    """printf patterns, a "protocol:" prefix (FFmpeg reads "http:x" as a URL: the source hands OpenCV the
+    absolute path) and non-ASCII UTF-8, also relative to the working folder."""
+    import shutil
+
+    shutil.copy(synthetic_video, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    with open_source(name) as src:
+        assert sum(1 for _ in src) == SYNTH_FRAMES
+
+
+def test_fifo_and_devices_are_refused_without_blocking(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "stream.mp4"
+    os.mkfifo(fifo)
+    code = ("import sys\nfrom ferengine.sources import open_source, SourceError\n"
+            "for p in sys.argv[1:]:\n"
+            "    try:\n        open_source(p)\n    except SourceError as e:\n        print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(fifo), "/dev/zero"], capture_output=True, text=True,
+                         timeout=60)  # before the fix the FIFO blocked forever inside OpenCV
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and len(lines) == 2, out.stderr[-2000:]
+    assert lines[0].startswith(f"{fifo}: is a FIFO (named pipe), not a video file")
+    assert lines[1].startswith("/dev/zero: is a character device, not a video file")
+    with pytest.raises(SourceError, match="is a FIFO"):
+        ImageSource(tmp_path / "stream.mp4")
+
+
+def test_camera_device_path_is_a_camera(monkeypatch):
+    """``/dev/videoN`` (or a link to it) opens camera N, not OpenCV's file reader."""
+    opened = []
+    monkeypatch.setattr(sources, "_camera_device_index", lambda p: 3 if str(p) == "/dev/v4l/by-id/cam" else None)
+    monkeypatch.setattr(sources, "CameraSource", lambda index, **kw: opened.append(index) or "camera")
+    monkeypatch.setattr(sources.os.path, "lexists", lambda p: True)
+    assert open_source("/dev/v4l/by-id/cam") == "camera" and opened == [3]
+
+
+def test_camera_device_index_only_for_video_devices(tmp_path):
+    (tmp_path / "video0").write_bytes(b"")
+    assert sources._camera_device_index(tmp_path / "video0") is None  # a regular file
+    assert sources._camera_device_index(__import__("pathlib").Path("/dev/null")) is None  # another device
+
+
 # -------------------------------------------------------------------------------------------- images
 
 
