@@ -159,6 +159,35 @@ def load_state(t: "Trainer", s: dict[str, Any]) -> None:
         s = _upgrade_v1(s)
     elif int(s["version"]) > STATE_VERSION:
         raise TrainError(f"{t.state_path}: written by a newer fer-desktop (state version {s['version']}); update it")
+    try:
+        _load_state(t, s)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        changed = _changed_settings(s.get("config"), t.cfg.to_dict())
+        first = " ".join(str(exc).split())
+        first = first[:200] + ("..." if len(first) > 200 else "")
+        raise TrainError(
+            f"{t.state_path}: the saved run does not fit the model and settings built now "
+            f"({type(exc).__name__}: {first})"
+            + (f"; changed since: {', '.join(changed)}" if changed else "")
+            + "; resume with the run's own settings (only --out, --resume and e.g. --epochs), "
+              "or start a new run in another --out") from None
+
+
+def _changed_settings(saved: Any, now: dict[str, Any]) -> list[str]:
+    if not isinstance(saved, dict):
+        return []
+    out = []
+    for k, v in now.items():
+        if k == "extra":
+            old = saved.get("extra") or {}
+            out += [f"--{n.replace('_', '-')} {old.get(n)!r} -> {w!r}" for n, w in (v or {}).items()
+                    if old.get(n) != w]
+        elif k in saved and saved[k] != v and k not in ("resume", "out", "epochs", "device", "workers"):
+            out.append(f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}")
+    return out
+
+
+def _load_state(t: "Trainer", s: dict[str, Any]) -> None:
     t.method.load_state_dict(s["method"])  # first: may add branches / param groups
     t.model.load_state_dict(s["model"])
     for n, o in t.optimizers.items():
@@ -211,7 +240,9 @@ def reload_best(t: "Trainer") -> None:
     if not path.exists():
         log.warning("no %s to reload", path)
         return
-    s = torch.load(path, map_location="cpu", weights_only=True)
+    from .loop import read_state
+
+    s = read_state(path)
     t.method.load_state_dict(s["method"])
     # parameters created after the best epoch (an ESR branch added since) keep their current values
     res = t.model.load_state_dict(s["model"], strict=False)

@@ -111,9 +111,16 @@ class _CurrentStderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def setup_logging(out: Path | None, rank: int = 0) -> Callable[[], None]:
-    """Console logging at INFO and, with ``out``, a ``train.log`` file handler (main process only; the other
-    processes of a torchrun launch log only errors, prefixed with their rank).
+def _not_file_only(record: logging.LogRecord) -> bool:
+    """Console filter: records meant for train.log only (the error boundary prints those lines itself)."""
+    from .boundary import CONSOLE_ONLY_FILE
+
+    return not getattr(record, CONSOLE_ONLY_FILE, False)
+
+
+def setup_logging(out: Path | None, rank: int = 0, level: int | str = logging.INFO) -> Callable[[], None]:
+    """Console logging at ``level`` (INFO) and, with ``out``, a ``train.log`` file handler at INFO or lower
+    (main process only; the other processes of a torchrun launch log only errors, prefixed with their rank).
 
     Returns a function that undoes both (handlers removed, the root level restored), so that a trainer
     run in-process (tests, notebooks) leaves the caller's logging as it found it.
@@ -126,8 +133,8 @@ def setup_logging(out: Path | None, rank: int = 0) -> Callable[[], None]:
         prefix = f"[rank {rank}] " if rank else ""
         h.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%H:%M:%S"))
         h._fer_engine = True  # type: ignore[attr-defined]
-        if rank:  # the main process says it all once
-            h.setLevel(logging.ERROR)
+        h.addFilter(_not_file_only)
+        h.setLevel(logging.ERROR if rank else level)  # the main process says it all once
         added.append(h)
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +143,8 @@ def setup_logging(out: Path | None, rank: int = 0) -> Callable[[], None]:
         added.append(fh)
     for h in added:
         root.addHandler(h)
-    root.setLevel(logging.INFO)
+    lvl = logging.getLevelName(level) if isinstance(level, str) else level
+    root.setLevel(min(logging.INFO, lvl if isinstance(lvl, int) else logging.INFO))
 
     def restore() -> None:
         for h in added:

@@ -29,7 +29,49 @@ from .runtime import Dist, amp_dtype_for, eval_autocast, rng_state, seed_everyth
 
 log = logging.getLogger("trainers.engine")
 
-__all__ = ["Trainer", "benchmark_batches"]
+__all__ = ["Trainer", "benchmark_batches", "check_out", "read_state"]
+
+
+def check_out(out: Path, resume: bool = False) -> None:
+    """The run folder can be used: not a file, and (without ``--resume``) holding no run already."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a folder; give a folder for the run's files "
+                         "(checkpoints, logs, state.pt)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrainError(f"--out {out}: {parent} is a file, not a folder; give another --out")
+            break
+    state = out / files.STATE_FILE
+    if not resume and state.exists():
+        raise TrainError(f"{out} already holds a run ({files.STATE_FILE}); pass --resume to continue it, "
+                         "or choose another --out")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """``state.pt`` as plain tensors and containers (``weights_only``: a file holding code is refused,
+    never run); a clear error for an empty, damaged or foreign file."""
+    what = "resume from an intact copy (e.g. a backup), or start a new run in another --out"
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise TrainError(f"{path}: cannot read the training state ({exc.strerror or exc}); {what}") from None
+    if size == 0:
+        raise TrainError(f"{path}: the training state is empty (0 bytes; a write that never finished?); {what}")
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise TrainError(f"{path}: cannot read the training state ({exc.strerror or exc}); {what}") from None
+    except Exception as exc:  # noqa: BLE001 - torch/pickle raise many types for a damaged or hostile file
+        text = " ".join(str(exc).split())
+        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            why = "it holds Python objects (code), which are never loaded"
+        else:
+            why = f"damaged or not a torch file ({type(exc).__name__}: {text[:160]})"
+        raise TrainError(f"{path}: not a training state this engine can load: {why}; {what}") from None
+    if not isinstance(s, dict):
+        raise TrainError(f"{path}: not a training state written by this engine (a {type(s).__name__}); {what}")
+    return s
 
 
 class _StepModule(nn.Module):
@@ -150,10 +192,10 @@ class Trainer:
                  f", AMP {self.amp_dtype}" if self.amp_dtype else "",
                  f", {world} processes ({self.dist.backend})" if world > 1 else "")
         if cfg.resume:
-            if self.state_path.exists():
-                files.load_state(self, torch.load(self.state_path, map_location="cpu", weights_only=True))
-            else:
-                log.warning("--resume: no %s in %s; starting a fresh run", files.STATE_FILE, self.out)
+            if not self.state_path.is_file():
+                raise TrainError(f"--resume: {self.out} holds no {files.STATE_FILE}, so there is nothing to resume; "
+                                 "give the --out of the run to continue, or drop --resume to start a new run")
+            files.load_state(self, read_state(self.state_path))
 
     def _input_spec(self) -> tuple[Any, dict[str, Any] | None]:
         """The method's input spec + the crop the training faces correspond to (a calibration) + the size
@@ -287,6 +329,9 @@ class Trainer:
         next_note = logs.clock() + logs.PROGRESS_EVERY_S if bar.disable and self.dist.is_main else float("inf")
         manual = self.method.manual_optimization
         step = 0
+        # the first step whose loss was not finite (-1: none), kept on the device (no sync per step on a GPU)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        sync_every = 1 if self.device.type == "cpu" else max(1, self.cfg.log_every or 50)
         while True:
             td = time.perf_counter()
             batch = next(it, None)
@@ -304,6 +349,12 @@ class Trainer:
                 self.scaler.update()
             if self.momentum is not None:
                 self.momentum.update(self.global_step + 1)
+            loss = logs_.get("loss")
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                bad = ~torch.isfinite(loss.detach().float().reshape(()))
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step + 1), first_bad)
+            if (step + 1) % sync_every == 0 or step + 1 == n_steps:
+                self._check_finite_loss(first_bad, epoch, n_steps, logs_)
             self.method.after_step(batch, logs_)
             for s in self.schedules.values():
                 s.step_update()
@@ -330,6 +381,7 @@ class Trainer:
                 if hasattr(cb, "on_step_end"):
                     cb.on_step_end(self, epoch, step)
         bar.close()
+        self._check_finite_loss(first_bad, epoch, n_steps, {})
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -344,6 +396,28 @@ class Trainer:
         res.update(train_images=n_img, train_ips=n_img / dt if dt > 0 else float("nan"),
                    data_ips=(n_img / self.dist.world_size) / t_data if t_data > 0 else float("nan"), epoch_time=dt)
         return res
+
+    def _check_finite_loss(self, first_bad: torch.Tensor, epoch: int, n_steps: int, logs_: dict[str, Any]) -> None:
+        """Stop the run when the training loss was NaN or infinite: its weights are lost, and nothing of this
+        epoch is written (state.pt and the checkpoints stay those of the last finished epoch)."""
+        bad_step = int(first_bad)
+        if bad_step < 0:
+            return
+        kept = (f"{self.state_path} (after epoch {self.epoch}) and the checkpoints are those of the last finished "
+                f"epoch; nothing of epoch {epoch} was written" if self.state_path.exists()
+                else "nothing was written (no epoch finished)")
+        raise TrainError(
+            f"the training loss became non-finite (NaN or inf) at epoch {epoch}, step {bad_step} of {n_steps}; the "
+            f"weights diverged: lower --lr (now {self.cfg.lr:g}), add --grad-clip or --warmup-epochs, or check the "
+            f"data; {kept}")
+
+    def _check_finite_weights(self) -> None:
+        """Never write non-finite weights as a checkpoint (best or last)."""
+        for name, p in self.method.export_model().state_dict().items():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise TrainError(f"after epoch {self.epoch} the weights are not finite ({name} holds NaN/inf); "
+                                 f"nothing of this epoch was written; lower --lr (now {self.cfg.lr:g}) or add "
+                                 "--grad-clip")
 
     def evaluate(self) -> dict[str, Any]:
         if self.val_batches is None:
@@ -382,6 +456,7 @@ class Trainer:
             metrics = self.evaluate()
             self.method.on_epoch_end(epoch, metrics)
             self.epoch = epoch
+            self._check_finite_weights()
             improved = self._update_best(metrics)
             files.save_checkpoints(self, metrics, improved)
             self._step_epoch_schedules(metrics)
@@ -506,9 +581,7 @@ class Trainer:
     def _check_out(self) -> None:
         if self.cfg.eval_only:
             return
-        if not self.cfg.resume and self.state_path.exists():
-            raise TrainError(f"{self.out} already holds a run ({files.STATE_FILE}); pass --resume to continue it, "
-                             "or choose another --out")
+        check_out(self.out, self.cfg.resume)
 
     def hardware(self) -> dict[str, Any]:
         from .runtime import hardware

@@ -15,7 +15,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import RESUME_FREE, TrainConfig, add_flags, coerce, config_fields, field_default, flag_specs, help_of
+from .config import (RESUME_FREE, TrainConfig, add_flags, coerce, config_fields, field_default, flag_specs, help_of,
+                     validate_values)
 from .errors import TrainError
 from .method import Method
 
@@ -24,6 +25,8 @@ log = logging.getLogger("trainers.engine")
 __all__ = ["build_parser", "parse_config", "resolve_config", "main", "settings_row"]
 
 _GROUPS = ("data", "optimisation", "run")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_NOT_CONFIG = ("log_level", "verbose")  # flags of the invocation, not settings of the run
 
 
 def _canonical_data(name: str | None) -> str | None:
@@ -72,6 +75,11 @@ def build_parser(method_cls: type[Method]) -> argparse.ArgumentParser:
         add_flags(mine, spec, help_of(method_cls.Config, spec.dest), mdefaults.get(spec.dest, spec.default),
                   per_data(spec.dest))
     method_cls.add_args(mine)
+    run = groups["run"]
+    run.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, type=str.upper,
+                     help="console log level; DEBUG also prints the traceback of an error (default: INFO)")
+    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="the same as --log-level DEBUG")
     return parser
 
 
@@ -112,7 +120,7 @@ def resolve_config(method_cls: type[Method], given: dict[str, Any], saved: dict[
             extra[k] = v
         merged["extra"] = _jsonable(method_cls, extra)
         merged["method"] = method_cls.name
-        return TrainConfig.from_dict(merged)
+        return validate_config(method_cls, TrainConfig.from_dict(merged))
     d_engine, d_mine = _split(method_cls, _method_defaults(method_cls))
     data = g_engine.get("data", d_engine.get("data", TrainConfig.data))
     r_engine, r_mine = _split(method_cls, settings_row(method_cls, data))
@@ -122,6 +130,17 @@ def resolve_config(method_cls: type[Method], given: dict[str, Any], saved: dict[
     cfg = TrainConfig(**coerce(TrainConfig, engine))
     cfg.extra = _jsonable(method_cls, mine)
     cfg.method = method_cls.name
+    return validate_config(method_cls, cfg)
+
+
+def validate_config(method_cls: type[Method], cfg: TrainConfig) -> TrainConfig:
+    """Every number and name of the run within its range (:func:`~trainers.engine.config.field_check`): the
+    engine's settings and the method's. Raises ``InvalidValue`` (a ``ValueError``) naming the flag."""
+    engine = validate_values(TrainConfig, {k: getattr(cfg, k) for k in config_fields(TrainConfig)
+                                           if k not in ("extra", "method")})
+    for k, v in engine.items():
+        setattr(cfg, k, v)
+    cfg.extra = validate_values(method_cls.Config, dict(cfg.extra))
     return cfg
 
 
@@ -135,55 +154,85 @@ def parse_config(method_cls: type[Method], argv: Sequence[str]) -> TrainConfig:
     """The run's configuration from a command line (with ``--resume``: from the run's ``args.json`` too)."""
     parser = build_parser(method_cls)
     given = vars(parser.parse_args(list(argv)))
+    for k in _NOT_CONFIG:
+        given.pop(k, None)
     saved = None
     if given.get("resume") and not given.get("eval_only"):
+        from .checkpointing import STATE_FILE
+
         data = given.get("data") or method_cls.defaults.get("data")
         out = Path(given.get("out") or settings_row(method_cls, data).get("out")
                    or _method_defaults(method_cls)["out"])
+        if not (out / STATE_FILE).is_file():
+            why = "does not exist" if not out.exists() else "is not a folder" if not out.is_dir() else \
+                f"holds no {STATE_FILE} (no epoch of a run was completed there)"
+            raise TrainError(f"--resume: {out} {why}, so there is nothing to resume; give the --out of the run "
+                             "to continue, or drop --resume to start a new run")
         args_json = out / "args.json"
         if args_json.exists():
             try:
                 saved = json.loads(args_json.read_text())["config"]
+                if not isinstance(saved, dict):
+                    raise TypeError("'config' is not an object")
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise TrainError(f"{args_json}: cannot read the run's settings ({exc}); fix or remove it") from None
+                raise TrainError(f"{args_json}: cannot read the run's settings ({exc}); restore it from the run's "
+                                 f"checkpoint (its training config) or start a new run in another --out") from None
             given.setdefault("out", str(out))
     try:
         cfg = resolve_config(method_cls, given, saved)
     except (TypeError, ValueError) as exc:
-        raise TrainError(f"{method_cls.name}: {exc}") from None
+        where = f"{out / 'args.json'}: " if saved is not None else ""
+        raise TrainError(f"{where}{method_cls.name}: {exc}") from None
     if saved is not None:
         cfg.resume = True
+        cfg.changed_on_resume = _changes(method_cls, saved, cfg)  # type: ignore[attr-defined]
     return cfg
+
+
+def _changes(method_cls: type[Method], saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The flags whose value differs from the saved run's (those that change what is trained)."""
+    now = cfg.to_dict()
+    old = TrainConfig.from_dict(saved).to_dict()
+    out = [f"--{k.replace('_', '-')}" for k in now if k not in RESUME_FREE | {"extra", "method"}
+           and now[k] != old.get(k)]
+    old_extra = dict(saved.get("extra") or {})
+    out += [f"--{k.replace('_', '-')}" for k, v in now["extra"].items() if v != old_extra.get(k)]
+    return out
 
 
 def main(method_cls: type[Method], argv: Sequence[str] | None = None, *,
          datasets: tuple[Any, Any] | None = None) -> int:
     """Command line of a method: ``python -m trainers.<name> ...``. Returns the exit status.
 
-    ``datasets=(train, val)`` substitutes in-memory datasets for ``--data`` (tests).
+    One error boundary (:func:`~trainers.engine.boundary.guard`): a known error is one line and status 2,
+    a bug one line and status 1 (``--log-level DEBUG`` / ``-v``: with its traceback), Ctrl-C says what was
+    saved and how to resume (status 130). ``datasets=(train, val)`` substitutes in-memory datasets for
+    ``--data`` (tests).
     """
-    from ferengine.errors import FerError
-
-    from ..data.base import DatasetError
-    from ..evaluate import EvalError
-    from .logs import setup_logging
-    from .runtime import init_distributed
+    from .boundary import guard, wants_traceback
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"python -m trainers.{method_cls.name}"
     command = [Path(sys.executable).name, "-m", f"trainers.{method_cls.name}", *argv]
-    restore_logging = None
-    dist = None
-    try:
-        cfg = parse_config(method_cls, argv)
-        if cfg.eval_only:
-            restore_logging = setup_logging(None)
-            return _eval_only(cfg, datasets)
-        from .loop import Trainer
+    run: dict[str, Any] = {}
 
-        dist = init_distributed(cfg.device)
+    def body() -> int:
+        from .logs import setup_logging
+        from .runtime import init_distributed
+
+        cfg = parse_config(method_cls, argv)
+        run["cfg"] = cfg
+        level = _log_level(argv)
+        if cfg.eval_only:
+            run["restore"] = setup_logging(None, level=level)
+            return _eval_only(cfg, datasets)
+        from .loop import Trainer, check_out
+
         out = Path(cfg.out)
-        restore_logging = setup_logging(out, dist.rank)
-        trainer = Trainer(cfg, method_cls, datasets=datasets, argv=command, dist=dist)
+        check_out(out, cfg.resume)
+        dist = run["dist"] = init_distributed(cfg.device)
+        run["restore"] = setup_logging(out, dist.rank, level=level)
+        trainer = run["trainer"] = Trainer(cfg, method_cls, datasets=datasets, argv=command, dist=dist)
         trainer.fit()
         from .checkpointing import BEST_FILE, LAST_FILE
 
@@ -192,17 +241,52 @@ def main(method_cls: type[Method], argv: Sequence[str] | None = None, *,
                  cfg.best_metric, trainer.best_value if trainer.best_value is not None else float("nan"),
                  trainer.best_epoch, trainer.out / LAST_FILE)
         return 0
-    except (TrainError, DatasetError, EvalError, FerError) as exc:
-        logging.getLogger("trainers").error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    def on_interrupt() -> str:
+        from .checkpointing import STATE_FILE
+
+        cfg = run.get("cfg")
+        if cfg is None or cfg.eval_only:
+            return "nothing was written"
+        tr = run.get("trainer")
+        state = Path(cfg.out) / STATE_FILE
+        if tr is not None and state.exists():
+            return (f"{state} holds the run after epoch {tr.epoch} (the interrupted epoch is redone); continue with: "
+                    f"{prog} --out {cfg.out} --resume")
+        if state.exists():
+            return f"{state} is unchanged; continue with: {prog} --out {cfg.out} --resume"
+        return f"no epoch was completed, nothing to resume in {cfg.out}"
+
+    def on_error(exc: BaseException, line: str) -> str:
+        cfg = run.get("cfg")
+        changed = getattr(cfg, "changed_on_resume", None) if cfg is not None else None
+        if changed and "resum" not in line:
+            line += (f" (resuming {cfg.out} with {', '.join(changed)} changed; resume with the run's own settings "
+                     "or start a new run in another --out)")
+        return line
+
+    try:
+        return guard(prog, body, verbose=wants_traceback(argv), on_interrupt=on_interrupt, on_error=on_error)
     finally:
-        if restore_logging is not None:
-            restore_logging()
+        if run.get("restore") is not None:
+            run["restore"]()
+        dist = run.get("dist")
         if dist is not None and dist.enabled:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
+
+
+def _log_level(argv: Sequence[str]) -> str:
+    from .boundary import wants_traceback
+
+    args = list(argv)
+    for i, a in enumerate(args):
+        if a == "--log-level" and i + 1 < len(args):
+            return args[i + 1].upper()
+        if a.startswith("--log-level="):
+            return a.split("=", 1)[1].upper()
+    return "DEBUG" if wants_traceback(argv) else "INFO"
 
 
 def _eval_only(cfg: TrainConfig, datasets: tuple[Any, Any] | None) -> int:
