@@ -18,7 +18,9 @@ architecture torch.export cannot trace.
 
 Cache: backends convert a loaded checkpoint on demand through :func:`cached_onnx` (and the TensorRT
 backend through ``cache_dir("tensorrt")``). The cache lives in ``$FER_DESKTOP_CACHE/<kind>/``, default
-``${XDG_CACHE_HOME:-~/.cache}/fer-desktop/<kind>/``; files are keyed by :func:`fingerprint`.
+``${XDG_CACHE_HOME:-~/.cache}/fer-desktop/<kind>/``; files are keyed by :func:`fingerprint`. When that
+folder cannot be made or written (read-only ``HOME``), a temporary folder is used for the run, with one
+warning (:func:`writable_cache_dir`).
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ from torch import nn
 from .device import cuda_reason
 from .errors import BackendUnavailable, ExportError
 from .graph import InferenceModule, output_names
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, show
+from .validate import check_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import LoadedModel
@@ -52,13 +55,31 @@ EXPORT_VERSION = 1  # bump when the exported graph's contract changes: invalidat
 CACHE_ENV = "FER_DESKTOP_CACHE"
 EXPORTERS = ("auto", "dynamo", "torchscript")
 TORCHSCRIPT_OPSET = 17
+MIN_OPSET = 7  # the lowest opset torch's TorchScript exporter writes
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes 18 and up (asked for less, it silently writes 18)
 VERIFY_ATOL = 1e-4
 
 
 # ExportError and InferenceModule (the deployed graph) live in ferengine.errors and ferengine.graph;
 # imported here for callers that look for them in ferengine.export.
 __all__ = ["ExportError", "InferenceModule", "export_onnx", "build_tensorrt_engine", "cached_onnx", "cache_dir",
-           "fingerprint"]
+           "writable_cache_dir", "fingerprint", "opset_range", "check_opset"]
+
+
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets :func:`export_onnx` can write here: 7 (TorchScript exporter) up to the newest one
+    the installed ``onnx`` knows (dynamo exporter, 18 and up). Measured with torch 2.14 / onnx 1.23 /
+    onnxscript 0.7: 7-17 only through TorchScript, 18-23 both, 24-28 only dynamo; above onnx's newest
+    the dynamo exporter silently wrote opset 18, so those are refused."""
+    import onnx
+
+    return MIN_OPSET, int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(value, name: str = "opset") -> int:
+    """An opset in :func:`opset_range` (:class:`~ferengine.errors.InvalidValue` otherwise)."""
+    lo, hi = opset_range()
+    return check_int(value, name, lo=lo, hi=hi, hint=" (the ONNX opsets this PyTorch and onnx can write)")
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
@@ -79,13 +100,17 @@ def export_onnx(
 ) -> Path:
     """Export ``loaded`` to ONNX at ``path`` (atomically) and return the path.
 
-    ``opset``: ONNX opset (default: the exporter's own, 18+ for dynamo, 17 for TorchScript).
-    ``exporter``: ``"auto"`` (dynamo, falling back to TorchScript), ``"dynamo"`` or ``"torchscript"``.
+    ``opset``: ONNX opset (default: the exporter's own, 18+ for dynamo, 17 for TorchScript), checked by
+    :func:`check_opset`; the written graph is checked to carry exactly that opset (an exporter that
+    writes another one counts as failed). ``exporter``: ``"auto"`` (dynamo, falling back to
+    TorchScript; TorchScript alone for opsets below 18), ``"dynamo"`` or ``"torchscript"``.
     ``verify``: compare onnxruntime with torch at batch 1 and 3 (max abs diff < 1e-4) before writing.
     Raises :class:`ExportError` naming the model and the reason.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if opset is not None:
+        opset = check_opset(opset)
     import onnx
 
     path = Path(path)
@@ -95,12 +120,20 @@ def export_onnx(
     c, s = info.input.channels, info.input.size
     sample = torch.randn(2, c, s, s, generator=torch.Generator().manual_seed(0))
 
-    tries = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    if exporter != "auto":
+        tries = [exporter]
+    elif opset is not None and opset < DYNAMO_MIN_OPSET:
+        tries = ["torchscript"]
+    else:
+        tries = ["dynamo", "torchscript"]
     errors = []
     for i, how in enumerate(tries):
         try:
             proto = _export_dynamo(module, sample, names, opset) if how == "dynamo" else \
                 _export_torchscript(module, sample, names, opset)
+            written = _opset_of(proto)
+            if opset is not None and written != opset:
+                raise ExportError(f"it wrote opset {written}, not the {opset} asked for")
             _check_graph(proto, names, (c, s, s))
             onnx.checker.check_model(proto, full_check=True)
             if verify:
@@ -113,7 +146,8 @@ def export_onnx(
             continue
         break
     else:
-        raise ExportError(f"cannot export {info.arch!r} ({loaded.path}) to ONNX: " + "; ".join(errors))
+        raise ExportError(f"cannot export {info.arch!r} ({show(loaded.path)}) to ONNX"
+                          f"{f' with opset {opset}' if opset is not None else ''}: " + "; ".join(errors))
 
     del proto.metadata_props[:]
     for key, value in (
@@ -238,6 +272,42 @@ def cache_dir(kind: str = "onnx") -> Path:
     return base / kind
 
 
+_FALLBACK_CACHES: dict[str, Path] = {}
+
+
+def writable_cache_dir(kind: str = "onnx") -> Path:
+    """:func:`cache_dir` made and proved writable; when it cannot be (an unwritable or missing ``HOME``, a
+    read-only ``$FER_DESKTOP_CACHE``), a temporary folder for this process instead, removed at exit,
+    with one warning line saying so (exports are then redone by every run)."""
+    if kind in _FALLBACK_CACHES:
+        return _FALLBACK_CACHES[kind]
+    try:
+        folder = cache_dir(kind)
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}-{os.urandom(4).hex()}"
+        probe.touch(exist_ok=False)
+        probe.unlink()
+        return folder
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.home() without a home
+        import atexit
+        import shutil
+        import tempfile
+
+        reason = f"{exc.strerror}: {show(exc.filename)}" if isinstance(exc, OSError) and exc.filename else str(exc)
+        where = os.environ.get(CACHE_ENV) or os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f"fer-desktop-{kind}-"))
+        except OSError as exc2:
+            raise ExportError(f"no folder to export the model into: the cache ({where}) is unusable ({reason}) and "
+                              f"so is the temp folder ({exc2.strerror}); set {CACHE_ENV} to a writable folder") from None
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        _FALLBACK_CACHES[kind] = tmp
+        if not any(k != kind for k in _FALLBACK_CACHES):  # one line per process, not per kind
+            log.warning("cannot use the cache folder under %s (%s); exporting to a temporary folder for this run "
+                        "(set %s to a writable folder to keep exports between runs)", where, reason, CACHE_ENV)
+        return tmp
+
+
 def fingerprint(loaded: "LoadedModel", *extra: object) -> str:
     """sha256 (hex) of what an export depends on: the export format version, the checkpoint info
     (arch, arch_kwargs, heads, labels, input spec, format version ...), every weight's bytes, ``extra``.
@@ -260,7 +330,7 @@ def fingerprint(loaded: "LoadedModel", *extra: object) -> str:
 def cached_onnx(loaded: "LoadedModel", opset: int | None = None) -> Path:
     """The ONNX export of ``loaded`` in the cache, exported now unless a matching file is there."""
     key = fingerprint(loaded, f"opset={opset}")
-    path = cache_dir("onnx") / f"{_safe(loaded.info.arch)}-{key[:24]}.onnx"
+    path = writable_cache_dir("onnx") / f"{_safe(loaded.info.arch)}-{key[:24]}.onnx"
     if path.is_file():
         log.debug("reusing cached ONNX export %s", path)
         return path

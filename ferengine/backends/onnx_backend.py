@@ -138,13 +138,13 @@ class OnnxRuntimeBackend(Backend):
 
             tensorrt_ep = "TensorrtExecutionProvider" in have and tensorrt_reason() is None
         if tensorrt_ep and "TensorrtExecutionProvider" in have:
-            from ..export import cache_dir
+            from ..export import writable_cache_dir
 
             c, s, _ = self.input_shape
             shape = lambda n: f"input:{n}x{c}x{s}x{s}"  # noqa: E731 - one profile for batches 1..16
             providers.insert(0, ("TensorrtExecutionProvider", {
                 "device_id": index, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(cache_dir("ort-tensorrt")),
+                "trt_engine_cache_path": str(writable_cache_dir("ort-tensorrt")),
                 "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(4),
                 "trt_profile_max_shapes": shape(16),
             }))

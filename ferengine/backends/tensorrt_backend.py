@@ -98,14 +98,14 @@ class TensorRTBackend(Backend):
     def _cached_engine(self, trt: Any, loaded: "LoadedModel", onnx_path: Any, fp16: bool, max_batch: int) -> Path:
         import torch
 
-        from ..export import build_tensorrt_engine, cache_dir, cached_onnx
+        from ..export import build_tensorrt_engine, cached_onnx, writable_cache_dir
 
         onnx_file = Path(onnx_path) if onnx_path is not None else cached_onnx(loaded)
         props = torch.cuda.get_device_properties(self._device)
         h = hashlib.sha256(onnx_file.read_bytes())
         h.update(f"\ntrt={trt.__version__} gpu={props.name} cc={props.major}.{props.minor} "
                  f"fp16={fp16} max_batch={max_batch}".encode())
-        path = cache_dir("tensorrt") / f"{onnx_file.stem}-{h.hexdigest()[:24]}.engine"
+        path = writable_cache_dir("tensorrt") / f"{onnx_file.stem}-{h.hexdigest()[:24]}.engine"
         if not path.is_file():
             build_tensorrt_engine(onnx_file, path, fp16=fp16, max_batch=max_batch)
         return path
