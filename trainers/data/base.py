@@ -172,17 +172,72 @@ _NP_DTYPES = {torch.int64: np.int64, torch.uint8: np.uint8, torch.float32: np.fl
 # ------------------------------------------------------------------------------------------ images
 
 
+def image_problem(path: str | Path) -> str | None:
+    """Why a file is not a whole image, or None: empty, or a JPEG without its end-of-image marker / a PNG
+    without its IEND chunk (a truncated download or copy: OpenCV would decode the part that is there, grey
+    below it, with only a libjpeg warning)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 4096))
+            tail = fh.read()
+    except FileNotFoundError:
+        return "not found"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    return _bytes_problem(head, tail, size)
+
+
+def _bytes_problem(head: bytes, tail: bytes, size: int) -> str | None:
+    if size == 0:
+        return "empty (0 bytes)"
+    if head.startswith(b"\xff\xd8"):
+        if not tail.rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9"):
+            return "truncated JPEG (no end-of-image marker)"
+    elif head.startswith(b"\x89PNG\r\n\x1a\n"):
+        if b"IEND" not in tail[-64:]:
+            return "truncated PNG (no IEND chunk)"
+    return None
+
+
 def read_image(path: str | Path, channels: int) -> np.ndarray:
-    """Decode an image file: uint8 ``(H,W)`` grey or ``(H,W,3)`` RGB. Raises DatasetError if unreadable."""
+    """Decode an image file: uint8 ``(H,W)`` grey or ``(H,W,3)`` RGB. Raises DatasetError if unreadable or
+    truncated (:func:`image_problem`)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"image file not found: {path}") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read image file {path}: {exc.strerror or exc}") from None
+    why = _bytes_problem(data[:8], data[-4096:], len(data))
+    if why:
+        raise DatasetError(f"image file {path} is {why}; re-download or remove it")
     flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
-    img = cv2.imread(str(path), flag)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if img is None:
-        if not os.path.exists(path):
-            raise DatasetError(f"image file not found: {path}")
         raise DatasetError(f"cannot decode image file {path} (not a readable image)")
     if channels == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return img
+
+
+def screen_images(files: Sequence[str], what: str) -> np.ndarray:
+    """Which files are whole images (:func:`image_problem`): a mask. The others are reported in ONE warning
+    (how many, the first few and why); none left is a :class:`DatasetError`."""
+    problems = [(i, image_problem(f)) for i, f in enumerate(files)]
+    bad = [(i, why) for i, why in problems if why]
+    keep = np.ones(len(files), bool)
+    if not bad:
+        return keep
+    keep[[i for i, _ in bad]] = False
+    shown = "; ".join(f"{files[i]} ({why})" for i, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    if not keep.any():
+        raise DatasetError(f"{what}: none of its {len(files)} images is whole: {shown}; re-download the dataset")
+    log.warning("%s: skipping %d of %d images that are truncated or corrupt: %s (re-download or remove them)",
+                what, len(bad), len(files), shown)
+    return keep
 
 
 def crop_square(img: np.ndarray, box: Sequence[float] | None, box_fits: str = "always") -> np.ndarray:
@@ -406,6 +461,15 @@ def disk_dataset(
         raise DatasetError(f"{name}: option channels must be 1 (grey) or 3 (RGB), got {channels}")
     if not 8 <= size <= 1024:
         raise DatasetError(f"{name}: option image_size must be in 8..1024, got {size}")
+    keep = screen_images(files, f"{name}/{split}") if len(files) else np.ones(0, bool)
+    if not keep.all():
+        idx = np.flatnonzero(keep)
+        files = [files[i] for i in idx]
+        labels = np.asarray(labels)[idx]
+        boxes = None if boxes is None else np.asarray(boxes).reshape(-1, 4)[idx]
+        va = None if va is None else np.asarray(va)[idx]
+        meta = None if meta is None else {k: np.asarray(v)[idx] for k, v in meta.items()}
+        info = {**(info or {}), "skipped_corrupt": int((~keep).sum())}
     images = None
     if opt_bool(opts.get("in_memory", False)) and len(files):
         box_hash = "" if boxes is None else hashlib.sha1(np.asarray(boxes, np.float32).tobytes()).hexdigest()

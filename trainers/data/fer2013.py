@@ -46,6 +46,7 @@ from .base import (
     list_images,
     missing,
     normalise_split,
+    screen_images,
 )
 
 log = logging.getLogger("trainers.data")
@@ -124,6 +125,7 @@ def parse_csv(path: Path) -> dict[str, np.ndarray]:
             f"{name} line 1: expected a header with columns emotion,pixels,Usage, found {lines[0][:80]!r}"
         )
     ncol = len(header)
+    lines_header = lines[0].rstrip(b"\r")[:200].decode(errors="replace")
     pi = header.index(b"pixels")
     ei = header.index(b"emotion") if b"emotion" in header else None
     ui = header.index(b"usage") if b"usage" in header else None
@@ -196,6 +198,8 @@ def parse_csv(path: Path) -> dict[str, np.ndarray]:
         "emotion": np.asarray(emotion, np.int16),
         "usage": np.asarray(usage, np.int8),
         "line": np.asarray(line_no, np.int32),
+        "has_emotion": np.asarray(ei is not None),
+        "header": np.asarray(lines_header),
     }
 
 
@@ -219,7 +223,7 @@ def load_csv(path: Path, cache_dir: str | Path | None = None) -> dict[str, np.nd
     """Parsed csv arrays, from the cache when the file is unchanged (else parsed and cached)."""
     key = cache.cache_key("fer2013csv", [path])
     arrays = cache.load(key, cache_dir)
-    if arrays is not None and {"images", "emotion", "usage", "line"} <= set(arrays):
+    if arrays is not None and {"images", "emotion", "usage", "line", "has_emotion"} <= set(arrays):
         log.debug("fer2013: loaded %s from cache %s", path, cache.cache_path(key, cache_dir))
         return arrays
     t0 = time.perf_counter()
@@ -289,6 +293,9 @@ def _from_csv(path: Path, split: str, cache_dir: Any) -> FaceDataset:
     images = a["images"][sel]
     blank = np.flatnonzero(blank_mask(images))
     info: dict[str, Any] = {"source": str(path), "rows_by_usage": present, "blank": blank.tolist()}
+    if "has_emotion" in a and not bool(a["has_emotion"]):
+        info["unlabelled"] = (f"{path} line 1: expected a header with columns emotion,pixels,Usage, found "
+                              f"{str(a['header'])!r} (no emotion column: its rows have no labels)")
     msg = f"fer2013/{split}: {int(sel.sum())} faces from {path.name}; {len(blank)} blank images (all pixels equal)"
     if "dup_stats" in a:
         groups, items, cross, conflict = (int(v) for v in a["dup_stats"])
@@ -331,6 +338,10 @@ def load_class_tree(split_dir: Path, label_names: tuple[str, ...], dataset: str,
         labels += [idx] * len(imgs)
     if not files:
         raise DatasetError(f"{dataset}: no images (.png/.jpg) in the class folders of {split_dir}")
+    keep = screen_images(files, f"{dataset} {split_dir}")
+    if not keep.all():
+        files = [f for f, k in zip(files, keep) if k]
+        labels = [lab for lab, k in zip(labels, keep) if k]
     key = cache.cache_key(f"{dataset}-tree", files, size=size, channels=channels)
     hit = cache.load(key, cache_dir)
     if hit is not None and len(hit.get("images", ())) == len(files):

@@ -54,6 +54,7 @@ from .base import (
     missing,
     normalise_split,
     parse_int,
+    screen_images,
 )
 from .fer2013 import COMMON_OPTS, SOURCE as FER_SOURCE, find_csv, load_csv, looked_in
 
@@ -225,7 +226,11 @@ def _from_folders(root: Path, split: str, opts: dict[str, Any]) -> tuple:
         raise DatasetError(f"ferplus: expected {folder / 'label.csv'} (FERPlus's per-folder labels). {SOURCE}")
     names, votes = parse_label_csv(label_csv)
     paths = [str(folder / f) for f in names]
-    key = cache.cache_key("ferplus-folder", [label_csv, folder], n=len(paths))
+    keep = screen_images(paths, f"ferplus {folder}")
+    if not keep.all():
+        paths = [p for p, k in zip(paths, keep) if k]
+        votes = votes[keep]
+    key = cache.cache_key("ferplus-folder", [label_csv, *paths], n=len(paths))
     hit = cache.load(key, opts.get("cache_dir"))
     if hit is not None and len(hit.get("images", ())) == len(paths):
         images = hit["images"]

@@ -91,6 +91,38 @@ def _drop_copies(train_ds: Any, data: str, data_dir: str | None, opts: dict[str,
     return kept
 
 
+def has_targets(ds: Any) -> bool:
+    """Whether any item has something to learn from: a class label (>= 0), a vote distribution, or a finite
+    valence/arousal target."""
+    labels = getattr(ds, "labels", None)
+    if labels is None:
+        return True  # not a FaceDataset: nothing to judge by
+    if bool((labels >= 0).any()):
+        return True
+    soft = getattr(ds, "soft_labels", None)
+    if soft is not None and bool((soft.sum(1) > 0).any()):
+        return True
+    va = getattr(ds, "va", None)
+    return va is not None and bool(torch_isfinite_any(va))
+
+
+def torch_isfinite_any(x: Any) -> bool:
+    import torch
+
+    return bool(torch.isfinite(torch.as_tensor(x)).any())
+
+
+def _check_targets(ds: Any, data: str, split: str | None, role: str, advice: str) -> None:
+    if has_targets(ds):
+        return
+    info = getattr(ds, "info", {}) or {}
+    if info.get("unlabelled"):
+        raise DatasetError(f"{info['unlabelled']}; the {role} split {data}/{split} needs labels{advice}")
+    where = f" (from {info['source']})" if info.get("source") else ""
+    raise DatasetError(f"{data}/{split}{where}: none of its {len(ds)} items has a label or a valence/arousal "
+                       f"target, so it cannot be the {role} split{advice}")
+
+
 def load_data(data: str, data_dir: str | None, *, train_split: str | None = None, val_split: str | None = None,
               opts: dict[str, Any] | None = None, limit_train: int = 0, limit_val: int = 0, seed: int = 0,
               channels: int | None = None, datasets: tuple[Any, Any] | None = None,
@@ -115,6 +147,10 @@ def load_data(data: str, data_dir: str | None, *, train_split: str | None = None
     full = len(train_ds)
     if full == 0:
         raise DatasetError(f"{data}/{train_split}: the training split is empty")
+    _check_targets(train_ds, data, train_split, "training", "")
+    if val_ds is not None:
+        _check_targets(val_ds, data, vs, "validation", "; pick another --val-split, or --val-split none to train "
+                                                        "without evaluation")
     train_ds = subset(train_ds, limit_train, seed)
     if val_ds is not None:
         val_ds = subset(val_ds, limit_val, seed + 1)
