@@ -256,6 +256,11 @@ def test_cache_keeps_entries_of_other_files_and_params(tmp_path):
     assert sorted(p.stem for p in d.glob("*.npz")) == sorted(keys)
     st = a.stat()
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert data_cache.cache_key("k", [a]) == keys[0], "touching a file must not invalidate its entry"
+    # a corrected file with the old size and mtime (cp -p, rsync -a) is a new version: keyed on the content
+    st = a.stat()
+    a.write_bytes(b"3")
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
     new = data_cache.cache_key("k", [a])
     assert new != keys[0] and new.rsplit("-", 1)[0] == keys[0].rsplit("-", 1)[0]  # same slot, new version
     data_cache.save(new, arr, d)

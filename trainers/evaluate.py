@@ -329,6 +329,9 @@ def evaluate_checkpoint(checkpoint: Any, data: str, data_dir: str | None, split:
         raise EvalError(f"{loaded.path}: the checkpoint's heads {list(info.heads)} have nothing to score on "
                         f"{data}/{split_name} (no class labels it knows, no valence/arousal targets)")
     if has_expr and (len(dataset) == 0 or bool((y_all < 0).all())) and not has_va_data:
+        why = (getattr(dataset, "info", None) or {}).get("unlabelled")
+        if why:
+            raise EvalError(f"{why}; {data}/{split_name} has nothing to score the checkpoint on")
         raise EvalError(f"{data}/{split_name}: no item has a class label (a valence/arousal-only dataset?); "
                         "the checkpoint scores categorical labels")
     match = match_labels(info.labels, data_labels) if has_expr else None
@@ -449,6 +452,10 @@ def run_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
     opts = dict(args.data_opt)
+    if str(args.device).strip().lower() not in ("auto", ""):
+        from ferengine.device import resolve_device
+
+        resolve_device(args.device)  # a device that is not there: one line now, not after every backend tried
     path = Path(args.checkpoint) if args.checkpoint else ck.default_checkpoint_path()
     loaded = ck.load(path)
     res = evaluate_checkpoint(loaded, args.data, args.data_dir, args.split, backend=args.backend, device=args.device,
