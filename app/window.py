@@ -117,6 +117,9 @@ class MainWindow(QMainWindow):
         self._source_request = 0  # id of the latest open_source; older sources' signals are dropped
         self._closed = False
         self._last_model_error = ""
+        # what could not be used, one line each (sources, checkpoints, the worker's errors), in order; the
+        # window shows them as they come, fer-desktop --screenshot prints them and exits with status 2
+        self.problems: list[str] = []
 
         self.setWindowIcon(app_icon())
         self.setAcceptDrops(True)
@@ -168,7 +171,11 @@ class MainWindow(QMainWindow):
 
         self._camerasFound.connect(self._on_cameras_found)
         self.thread.start()
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()  # never leave a running thread behind a window that failed to start
+            raise
 
     # ================================================================== construction
     def _build_central(self) -> None:
@@ -609,6 +616,8 @@ class MainWindow(QMainWindow):
             title = f"Cannot open {label}"
             retry = "Try again"
         hint = "Open a video file or a folder of images instead, or pick a camera in the Source menu."
+        log.info("%s: %s", title, message)
+        self._note_problem(message if label.lower() in message.lower() else f"{label}: {message}")
         self.no_source.set_message(title, f"{_esc(message)}<br><br>{hint}", retry)
         self.stack.setCurrentWidget(self.no_source)
         self.video.clear()
@@ -811,6 +820,7 @@ class MainWindow(QMainWindow):
         if what == "backend":
             if rid != self._backend_request:
                 return
+            self._note_problem(f"the backend could not be used: {message}")
             self._error_box("Backend unavailable", message)
             self._check_backend_action(self.backend_obj.name if self.backend_obj is not None else "auto")
             return
@@ -818,12 +828,15 @@ class MainWindow(QMainWindow):
             return
         self._last_model_error = message
         interactive = self._model_request_interactive
+        log.info("the checkpoint could not be loaded: %s", message)
+        self._note_problem(f"the checkpoint could not be used: {message}")
         self._restore_model_bar()
         if interactive:
             self.statusBar().showMessage("The checkpoint could not be loaded; the current model is still in use",
                                          8000)
             self._error_box("Cannot open checkpoint", message)
         else:
+            self.statusBar().showMessage(f"The checkpoint could not be loaded: {message}", 15000)
             if self.bundle is None:
                 self.model_bar.show_message(
                     f"<b>No model loaded</b> — the checkpoint could not be loaded: {_esc(message)}<br>"
@@ -1054,6 +1067,7 @@ class MainWindow(QMainWindow):
             self.source_bar.show_message(_esc(msg), "info")
 
     def _on_recording_failed(self, message: str) -> None:
+        self._note_problem(message)
         self._on_recording_stopped_ui()
         self.statusBar().showMessage(message, 12000)
         if not self._closed:
@@ -1067,8 +1081,21 @@ class MainWindow(QMainWindow):
         self.sb_rec.hide()
 
     # ================================================================== misc
+    def _note_problem(self, message: str) -> None:
+        if message not in self.problems:
+            self.problems.append(message)
+
     def _on_worker_error(self, message: str) -> None:
+        self._note_problem(message)
         self.statusBar().showMessage(message, 12000)
+        if not self._closed:
+            self.source_bar.show_message(_esc(message), "error")
+
+    def show_internal_error(self, text: str) -> None:
+        """An unexpected exception in the GUI thread (reported by fer-desktop's error boundary): say it in
+        the window; the application goes on."""
+        message = f"Internal error: {text} (please report it; --log-level DEBUG shows the traceback)"
+        self.statusBar().showMessage(message, 15000)
         if not self._closed:
             self.source_bar.show_message(_esc(message), "error")
 
