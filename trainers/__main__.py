@@ -9,6 +9,7 @@ import textwrap
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainers", description="fer-desktop's method zoo")
     p.add_argument("--list", action="store_true", help="list the registered methods")
+    p.add_argument("-v", "--verbose", action="store_true", help="the traceback of an internal error")
     args = p.parse_args(argv)
     from trainers.methods import get_method, list_methods
 
@@ -27,11 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # `python -m trainers --list | head`
-        import os
+def _guarded(argv: list[str] | None = None) -> int:
+    """:func:`main` behind the trainers' one error boundary (a closed pipe, ``--list | head``, is no error)."""
+    from trainers.engine.boundary import guard, wants_traceback
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    args = sys.argv[1:] if argv is None else argv
+    return guard("python -m trainers", lambda: main(argv), verbose=wants_traceback(args), verbose_hint="-v")
+
+
+if __name__ == "__main__":
+    sys.exit(_guarded())

@@ -578,21 +578,23 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ferengine.validate import argtype, check_float, check_fraction, check_int, check_min_confidence
+
     p = argparse.ArgumentParser(prog="python -m trainers.calibrate",
                                 description="Measure the crop margin/offset that makes the app's face crops "
                                             "look like a dataset's faces; optionally write it into checkpoints.")
     p.add_argument("--data", default="fer2013", help="dataset of face crops (default fer2013)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: $FER_DATA_DIR, else ./data)")
     p.add_argument("--split", default="train", help="split to sample (default train)")
-    p.add_argument("--n", type=int, default=2000, help="faces to measure (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=argtype(check_int, lo=1, name="--n"), default=2000, help="faces to measure (default 2000)")
+    p.add_argument("--seed", type=argtype(check_int, lo=0, name="--seed"), default=0)
     p.add_argument("--detector", default="short", choices=["short", "full"], help="BlazeFace model (default short, as the app)")
-    p.add_argument("--min-confidence", type=float, default=0.5, help="detection threshold (default 0.5, as the app)")
-    p.add_argument("--scale", type=int, default=4, help="enlargement of the faces before detection (default 4)")
-    p.add_argument("--pad", type=float, default=0.5, help="border on each side, fraction of the face side (default 0.5)")
+    p.add_argument("--min-confidence", type=argtype(check_min_confidence, name="--min-confidence"), default=0.5, help="detection threshold (default 0.5, as the app)")
+    p.add_argument("--scale", type=argtype(check_int, lo=1, hi=16, name="--scale"), default=4, help="enlargement of the faces before detection (default 4)")
+    p.add_argument("--pad", type=argtype(check_float, lo=0, hi=4, name="--pad"), default=0.5, help="border on each side, fraction of the face side (default 0.5)")
     p.add_argument("--media", type=Path, default=None,
                    help="real photos/ and videos/ for the check and crops.png (default: $FER_TEST_MEDIA, else DATA_DIR/media)")
-    p.add_argument("--media-min-score", type=float, default=0.75,
+    p.add_argument("--media-min-score", type=argtype(check_fraction, name="--media-min-score"), default=0.75,
                    help="only media faces the detector scores at least this for the check and crops.png "
                         "(default 0.75: leaves out its false positives on cartoon frames, ~0.5)")
     p.add_argument("--out", type=Path, default=Path("runs/crop-calibration"),
@@ -605,38 +607,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="append", default=[], metavar="CKPT",
                    help="write the calibrated crop_margin/crop_offset_y into this checkpoint (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="the traceback of an internal error")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        if args.calibration is not None:
-            try:
-                result = json.loads(args.calibration.read_text())
-                result["recommended"]["crop_margin"], result["recommended"]["crop_offset_y"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise CalibrationError(f"{args.calibration}: not a calibration.json written by trainers.calibrate ({exc})")
-            if not args.apply:
-                raise CalibrationError("--calibration only makes sense with --apply CKPT")
-        else:
-            if args.n < 1:
-                raise CalibrationError(f"--n must be >= 1, got {args.n}")
-            result = calibrate(args.data, args.data_dir, args.split, args.n, args.seed, args.detector,
-                               args.min_confidence, args.scale, args.pad, args.media, args.media_min_score, args.out,
-                               sheet=not args.no_sheet, refine=args.refine, progress=not args.quiet,
-                               command=" ".join(["python", "-m", "trainers.calibrate", *(sys.argv[1:] if argv is None else argv)]))
-            print(format_result(result))
-            print(f"wrote {args.out / 'calibration.json'}")
-        for ckpt in args.apply:
-            done = apply_calibration(ckpt, result)
-            print(f"{done['path']}: crop_margin {done['previous']['crop_margin']} -> {done['new']['crop_margin']}, "
-                  f"crop_offset_y {done['previous']['crop_offset_y']} -> {done['new']['crop_offset_y']}")
-    except CalibrationError as exc:
-        print(f"calibrate: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    return 0
+    from trainers.engine.boundary import guard
+    from trainers.engine.errors import TrainError
+
+    def body() -> int:
+        try:
+            if args.calibration is not None:
+                try:
+                    result = json.loads(args.calibration.read_text())
+                    result["recommended"]["crop_margin"], result["recommended"]["crop_offset_y"]
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    raise CalibrationError(f"{args.calibration}: not a calibration.json written by trainers.calibrate ({exc})")
+                if not args.apply:
+                    raise CalibrationError("--calibration only makes sense with --apply CKPT")
+            else:
+                if args.n < 1:
+                    raise CalibrationError(f"--n must be >= 1, got {args.n}")
+                result = calibrate(args.data, args.data_dir, args.split, args.n, args.seed, args.detector,
+                                   args.min_confidence, args.scale, args.pad, args.media, args.media_min_score, args.out,
+                                   sheet=not args.no_sheet, refine=args.refine, progress=not args.quiet,
+                                   command=" ".join(["python", "-m", "trainers.calibrate", *(sys.argv[1:] if argv is None else argv)]))
+                print(format_result(result))
+                print(f"wrote {args.out / 'calibration.json'}")
+            for ckpt in args.apply:
+                done = apply_calibration(ckpt, result)
+                print(f"{done['path']}: crop_margin {done['previous']['crop_margin']} -> {done['new']['crop_margin']}, "
+                      f"crop_offset_y {done['previous']['crop_offset_y']} -> {done['new']['crop_offset_y']}")
+        except CalibrationError as exc:
+            raise TrainError(" ".join(str(exc).split())) from None
+        return 0
+
+    return guard("calibrate", body, verbose=args.verbose, verbose_hint="-v",
+                 on_interrupt=lambda: "nothing of this measurement was kept; run it again")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -60,14 +60,30 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
     from ferengine.backends import create_backend
     from ferengine.preprocess import to_model_input
 
+    from trainers.engine.errors import TrainError
+
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
+        raise TrainError(f"--out {out} is the checkpoint being released ({src}): it would be replaced by its "
+                         f"{'fp16 ' if half else ''}copy; give another --out (e.g. "
+                         f"assets/models/{src.stem}-release.safetensors)")
+    if out.is_dir():
+        raise TrainError(f"--out {out} is a folder; give the file to write (e.g. {out / 'model.safetensors'})")
     loaded = ck.load(src)
     info = loaded.info
     spec = info.input
     training = dict(info.training)
     if calibration is not None:
-        cal = json.loads(Path(calibration).read_text())
-        rec = cal["recommended"]
-        spec = dataclasses.replace(spec, crop_margin=float(rec["crop_margin"]), crop_offset_y=float(rec["crop_offset_y"]))
+        try:
+            cal = json.loads(Path(calibration).read_text())
+            rec = cal["recommended"]
+            margin, offset = float(rec["crop_margin"]), float(rec["crop_offset_y"])
+        except OSError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TrainError(f"--calibration {calibration}: not a calibration.json written by trainers.calibrate "
+                             f"({type(exc).__name__}: {exc}); run python -m trainers.calibrate to make one") from None
+        spec = dataclasses.replace(spec, crop_margin=margin, crop_offset_y=offset)
         training["crop_calibration"] = {k: cal.get(k) for k in ("data", "split", "detector", "command")} | {
             "crop_margin": spec.crop_margin, "crop_offset_y": spec.crop_offset_y,
             "previous": {"crop_margin": info.input.crop_margin, "crop_offset_y": info.input.crop_offset_y}}
@@ -314,6 +330,8 @@ def _data_limitations(m: dict[str, Any], name: str | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ferengine.validate import argtype, check_int
+
     p = argparse.ArgumentParser(prog="python -m trainers.release", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", type=Path, help="trained checkpoint (e.g. runs/x/best.safetensors)")
     p.add_argument("--out", type=Path, required=True, help="the shipped file (e.g. assets/models/default.safetensors)")
@@ -323,24 +341,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", default="fer2013")
     p.add_argument("--data-dir")
     p.add_argument("--split", default="publictest")
-    p.add_argument("--repeat", type=int, default=300, help="timed runs for the latency figures")
+    p.add_argument("--repeat", type=argtype(check_int, lo=1, name="--repeat"), default=300,
+                   help="timed runs for the latency figures")
+    p.add_argument("-v", "--verbose", action="store_true", help="the traceback of an internal error")
     p.add_argument("--notes", type=Path, help="markdown file added to the card under 'Notes' (and kept in the "
                                               "checkpoint's metadata): where and how it was trained, caveats")
     args = p.parse_args(argv)
-    from ferengine.checkpoint import CheckpointError
-    from ferengine.errors import FerError
+    from trainers.engine.boundary import guard, wants_traceback
 
-    from trainers.data import DatasetError
-    from trainers.evaluate import EvalError
-
-    try:
+    def body() -> int:
         r = release(args.checkpoint, args.out, name=args.name, half=args.half, calibration=args.calibration,
                     data=args.data, data_dir=args.data_dir, split=args.split, repeat=args.repeat, notes=args.notes)
-    except (CheckpointError, FileNotFoundError, KeyError, DatasetError, EvalError, FerError) as exc:
-        print(f"release: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in r.items() if k != "metrics"}, indent=2))
-    return 0
+        print(json.dumps({k: v for k, v in r.items() if k != "metrics"}, indent=2))
+        return 0
+
+    return guard("release", body, verbose=args.verbose or wants_traceback(argv or []), verbose_hint="-v",
+                 on_interrupt=lambda: f"{args.out} is either its previous version or the new one, never a part")
 
 
 if __name__ == "__main__":

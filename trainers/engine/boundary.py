@@ -87,7 +87,11 @@ def one_line(exc: BaseException) -> str:
     """A known error as one line (an OSError: its file and what to do)."""
     if isinstance(exc, OSError) and not _is_fer_error(exc):
         return os_error_line(exc)
-    return " ".join(_unhide(str(exc)).split()) or type(exc).__name__
+    text = str(exc)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its message is the last line
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
+    return " ".join(_unhide(text).split()) or type(exc).__name__
 
 
 def _is_fer_error(exc: BaseException) -> bool:
