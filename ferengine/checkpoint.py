@@ -284,7 +284,7 @@ def _read_bytes(path: Path, shown: str) -> bytes:
     try:
         fd = os.open(path, flags)  # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of hanging
     except (FileNotFoundError, NotADirectoryError):
-        raise CheckpointError(f"{shown}: no such file") from None
+        raise CheckpointError(f"{shown}: no such file; check the path") from None
     except IsADirectoryError:
         raise CheckpointError(f"{shown}: is a folder, expected a checkpoint file (.safetensors or .pt)") from None
     except PermissionError:
@@ -414,7 +414,7 @@ def _parse_torch(path: Path, shown: str, data: bytes) -> _Stored:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(
             f"{shown}: a PyTorch file but not a fer-desktop checkpoint (expected keys {META_KEY!r} and "
-            f"'state_dict', found {keys})"
+            f"'state_dict', found {keys}); {RESAVE_HINT}"
         )
     state = obj["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -440,7 +440,7 @@ def _build(info: CheckpointInfo, source: str, device: str | torch.device) -> nn.
         raise CheckpointError(f"{source}: {exc}") from None
     except (TypeError, ValueError, RuntimeError, ArithmeticError, OverflowError, MemoryError) as exc:
         raise CheckpointError(f"{source}: cannot build architecture {info.arch!r} with arch_kwargs "
-                              f"{_json_value(info.arch_kwargs)}: {_reason(exc)}") from None
+                              f"{info.arch_kwargs}: {_reason(exc)}") from None
 
 
 def build_model(info: CheckpointInfo, source: str = "checkpoint") -> nn.Module:
@@ -455,7 +455,7 @@ def _check_structure(model: nn.Module, info: CheckpointInfo, stored: _Stored) ->
     n_params = sum(v.numel() for v in expected.values())
     if n_params > MAX_PARAMETERS:
         raise CheckpointError(
-            f"{shown}: architecture {info.arch!r} with arch_kwargs {_json_value(info.arch_kwargs)} would have "
+            f"{shown}: architecture {info.arch!r} with arch_kwargs {info.arch_kwargs} would have "
             f"{n_params:,} weights ({n_params * 4 / 1e9:.1f} GB), more than fer-desktop loads ({MAX_PARAMETERS:,}); "
             "the metadata is wrong or the file is not a fer-desktop checkpoint"
         )
