@@ -384,3 +384,12 @@ def test_fer_eval_release_calibrate_and_list(fresh, capsys):
 
     assert zoo._guarded(["--list"]) == 0
     assert "baseline:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("temp", [".state.pt.fer-4242-host.lan-k3j2.tmp", ".state.pt.k3j2x_9.tmp"])
+def test_an_os_error_on_a_temp_file_names_the_real_file(temp, tmp_path):
+    from trainers.engine.boundary import one_line
+
+    line = one_line(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / temp)))
+    assert line.startswith(f"{tmp_path / 'state.pt'}: Permission denied") and "tmp;" not in line
+    assert "check its permissions" in line

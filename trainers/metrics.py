@@ -182,9 +182,16 @@ def save_confusion_png(cm: Any, labels: Sequence[str], path: str | Path, normali
             ax.text(j, i, txt, ha="center", va="center", fontsize=7,
                     color="white" if shown[i, j] > thresh else "black")
     fig.tight_layout()
+    from ferengine.fileio import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fig.savefig(fh, format=fmt)
+
+    atomic_write(path, write)
     return path
 
 

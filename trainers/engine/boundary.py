@@ -29,7 +29,8 @@ __all__ = ["guard", "known_errors", "one_line", "os_error_line", "wants_tracebac
 # a log record with ``extra={CONSOLE_ONLY_FILE: True}`` goes to train.log only (the boundary prints it once)
 CONSOLE_ONLY_FILE = "fer_file_only"
 
-_TMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")  # atomic_write's temp: .NAME.RANDOM.tmp
+# atomic_write's temp names: .NAME.fer-PID-HOST-RANDOM.tmp (ferengine.fileio), or an older .NAME.RANDOM.tmp
+_TMP = re.compile(r"^\.(?P<name>.+?)\.(?:fer-\d+-\S+|[A-Za-z0-9_]+)\.tmp$")
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
@@ -80,7 +81,7 @@ def os_error_line(exc: OSError) -> str:
 
 def _unhide(text: str) -> str:
     """Replace the hidden temp names of atomic writes in a message by the real file names."""
-    return re.sub(r"(?<![\w.])\.([^\s/'\"]+?)\.[A-Za-z0-9_]+\.tmp\b", r"\1", text)
+    return re.sub(r"(?<![\w.])\.([^\s/'\"]+?)\.(?:fer-\d+-[^\s/'\"]+?|[A-Za-z0-9_]+)\.tmp\b", r"\1", text)
 
 
 def one_line(exc: BaseException) -> str:
