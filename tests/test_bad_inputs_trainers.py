@@ -166,7 +166,7 @@ def _lr_in_args_json(path: Path) -> str:
 CASES = [
     # out-of-range options: argparse, with ferengine.validate's message
     ("lr-nan", lambda f, t: f["train"]("--lr", "nan"), 2, "--lr must be a finite number, got 'nan'"),
-    ("lr-negative", lambda f, t: f["train"]("--lr", "-1"), 2, "--lr must be > 0, got '-1'"),
+    ("lr-negative", lambda f, t: f["train"]("--lr", "-1"), 2, "--lr must be >= 0, got '-1'"),
     ("batch-size-0", lambda f, t: f["train"]("--batch-size", "0"), 2, "--batch-size must be an integer >= 1"),
     ("epochs-0", lambda f, t: f["train"]("--epochs", "0"), 2, "--epochs must be an integer >= 1, got '0'"),
     ("epochs-negative", lambda f, t: f["train"]("--epochs", "-1"), 2, "--epochs must be an integer >= 1"),
@@ -194,7 +194,7 @@ CASES = [
      "does not fit the model and settings built now"),
     ("resume-other-arch", _resume_with("--arch", "resnet18", "--arch-kwargs", "{}"), 2, "--arch 'fastcnn' -> 'resnet18'"),
     ("resume-damaged-args-json", _resume_args_json(lambda p: "{not json"), 2, "args.json: cannot read the run's settings"),
-    ("resume-bad-lr-in-args-json", _resume_args_json(_lr_in_args_json), 2, "args.json: baseline: --lr must be > 0"),
+    ("resume-bad-lr-in-args-json", _resume_args_json(_lr_in_args_json), 2, "args.json: baseline: --lr must be >= 0"),
 ]
 
 

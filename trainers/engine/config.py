@@ -221,7 +221,7 @@ class TrainConfig:
     batch_size: int = opt(128, lo=1, group=O, help="batch size (with torchrun: the global batch, split over the processes)")
     eval_batch_size: int = opt(0, group=O, help="0: 2 x batch size")
     optimizer: Literal["sgd", "adam", "adamw"] = opt("sgd", group=O, help="optimiser")
-    lr: float = opt(0.01, lo=0, lo_open=True, group=O, help="learning rate")
+    lr: float = opt(0.01, group=O, help="learning rate (0: the weights stay as they are, e.g. to evaluate an --init)")
     momentum: float = opt(0.9, hi=1, group=O, help="SGD momentum")
     nesterov: bool = opt(False, group=O, help="SGD with Nesterov momentum")
     betas: tuple[float, float] = opt((0.9, 0.999), hi=1, hi_open=True, group=O, help="Adam betas")
