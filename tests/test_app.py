@@ -454,16 +454,111 @@ def test_screenshot_mode_writes_a_png_of_the_window(tmp_path, long_video, fastcn
     assert not private_settings.exists()  # screenshot mode leaves the settings alone
 
 
-def test_screenshot_mode_without_a_camera_still_exits(qapp, tmp_path, private_settings):
-    """No source at all (in-process this time): the no-camera page is shown and still saved, exit 0."""
+def test_screenshot_mode_without_a_camera_saves_the_page_and_says_so(qapp, tmp_path, private_settings, capfd):
+    """No source at all (in-process this time): the no-camera page is shown and still saved; the run did not
+    do what was asked, so one error line and exit status 2."""
     from app.main import main
 
     out = tmp_path / "nocam.png"
     t0 = time.monotonic()
     rc = main(["--camera", "99", "--screenshot", str(out), "--frames", "5", "--timeout", "30", "--size", "900x600"])
-    assert rc == 0 and time.monotonic() - t0 < 20
+    assert rc == 2 and time.monotonic() - t0 < 20
     img = QImage(str(out))
     assert (img.width(), img.height()) == (900, 600)
+    err = capfd.readouterr().err
+    line = [ln for ln in err.splitlines() if "camera 99" in ln]
+    assert len(line) == 1 and line[0].startswith("fer-desktop: error: ") and f"saved anyway to {out}" in line[0]
+
+
+def test_an_exception_in_a_gui_slot_is_shown_and_the_app_goes_on(qapp, monkeypatch, tmp_path, long_video,
+                                                                  fastcnn_checkpoint, private_settings, capfd):
+    """The GUI thread's boundary: a bug in a Qt slot is one "internal error" line and a message in the
+    window, frames keep coming, and the run ends with status 1 (after the screenshot it was asked for)."""
+    from app.main import main
+
+    seen = []
+    real = MainWindow._update_plots
+
+    def buggy(self, face, has_model):
+        seen.append(self)
+        if len(seen) == 2:
+            raise RuntimeError("simulated bug in a slot")
+        return real(self, face, has_model)
+
+    monkeypatch.setattr(MainWindow, "_update_plots", buggy)
+    out = tmp_path / "shot.png"
+    rc = main(["--video", str(long_video), "--loop", "--checkpoint", str(fastcnn_checkpoint), "--backend", "torch",
+               "--screenshot", str(out), "--frames", "8", "--timeout", "60"])
+    err = capfd.readouterr().err
+    assert rc == 1, err[-2000:]
+    lines = [ln for ln in err.splitlines() if "simulated bug in a slot" in ln]
+    assert lines == ["fer-desktop: internal error: RuntimeError: simulated bug in a slot (run with --log-level "
+                     "DEBUG for the traceback; please report it)"]
+    assert "Traceback" not in err
+    win = seen[0]
+    assert len(seen) >= 8  # frames went on being shown after the bug
+    assert "Internal error: RuntimeError: simulated bug in a slot" in win.source_bar.text
+    assert QImage(str(out)).width() > 0 and "fer-desktop: screenshot (" in err
+    assert win.thread.isFinished()
+
+
+@pytest.mark.parametrize("exc, status, said", [
+    (RuntimeError("simulated bug at start-up"), 1,
+     "fer-desktop: internal error: RuntimeError: simulated bug at start-up (run with --log-level DEBUG"),
+    (OSError(28, "No space left on device"), 2, "fer-desktop: error: [Errno 28] No space left on device"),
+    (KeyboardInterrupt(), 130, "fer-desktop: interrupted"),
+])
+def test_an_error_after_the_window_exists_stops_the_thread_first(qapp, monkeypatch, tmp_path, long_video,
+                                                                  private_settings, capfd, exc, status, said):
+    """The program's boundary, for an error raised once the capture thread runs: the thread is stopped and
+    joined (Qt would abort: "QThread: Destroyed while thread ... is still running"), then one line."""
+    from app.main import main
+
+    windows = []
+
+    def show(self):
+        windows.append(self)
+        raise exc
+
+    monkeypatch.setattr(MainWindow, "show", show)
+    rc = main(["--video", str(long_video), "--screenshot", str(tmp_path / "x.png")])
+    err = capfd.readouterr().err
+    assert rc == status and said in err and "Traceback" not in err, err[-2000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("fer-desktop:")] == [ln for ln in err.splitlines()
+                                                                                 if said in ln]
+    assert windows and windows[0].thread.isFinished()
+
+
+def test_a_capture_thread_that_cannot_stop_does_not_abort(qapp, monkeypatch, tmp_path, long_video,
+                                                          private_settings, capfd):
+    """A source blocked in a read (a driver, a decoder) past the join timeout: said in one line, exit 2, and
+    the thread is kept (never destroyed while running, which would abort the process)."""
+    import threading
+
+    import app.main as app_main
+
+    release = threading.Event()
+
+    def blocking_open(value, **kw):
+        release.wait(30)
+        raise SourceError(f"{value}: released by the test")
+
+    monkeypatch.setattr("app.worker.open_source", blocking_open)
+    monkeypatch.setattr("app.window.JOIN_TIMEOUT_MS", 300)
+    monkeypatch.setattr(app_main, "_UNSTOPPED", [])
+    t0 = time.monotonic()
+    rc = app_main.main(["--video", str(long_video), "--screenshot", str(tmp_path / "x.png"), "--timeout", "1"])
+    err = capfd.readouterr().err
+    try:
+        assert rc == 2 and time.monotonic() - t0 < 20, err[-2000:]
+        stuck = [ln for ln in err.splitlines() if "did not stop" in ln]
+        assert len(stuck) == 1 and stuck[0].startswith("fer-desktop: error: the capture thread did not stop "
+                                                       "within 0.3 s"), err
+        assert len(app_main._UNSTOPPED) == 1 and app_main._UNSTOPPED[0].thread.isRunning()
+    finally:
+        release.set()
+        for win in app_main._UNSTOPPED:
+            assert win.thread.wait(10000)
 
 
 def test_image_folder_and_drop_dispatch(qtbot, make_window, tmp_path, fastcnn_checkpoint, long_video):
