@@ -331,9 +331,12 @@ def _qt_message_handler(mode, context, message: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.device not in ("auto", "cpu"):
-        from ferengine.device import resolve_device
+        from ferengine.device import DeviceError, resolve_device
 
-        resolve_device(args.device)  # a CUDA device that is not there: DeviceError, one line, before Qt
+        try:
+            resolve_device(args.device)  # a CUDA device that is not there: one line, before Qt
+        except DeviceError as exc:
+            raise DeviceError(f"--device {args.device}: {exc}") from None
     problem = display_problem()
     from PySide6.QtCore import qInstallMessageHandler
     from PySide6.QtWidgets import QApplication
