@@ -193,6 +193,8 @@ CASES = [
      _st(lambda g: _meta(g, labels=g["meta"]["labels"][:6] + ["score"])), "rename the class"),
     ("a label 'Confidence' (a JSON key)", ".safetensors",
      _st(lambda g: _meta(g, labels=["Confidence"] + g["meta"]["labels"][1:])), "rename the class"),
+    ("a label with a line break", ".safetensors",
+     _st(lambda g: _meta(g, labels=g["meta"]["labels"][:6] + ["sad\nangry"])), "holds control characters"),
     ("5 labels for 7 outputs", ".safetensors", _st(lambda g: _meta(g, labels=g["meta"]["labels"][:5])),
      "5 labels for a 7-class model"),
     ("unknown head", ".safetensors", _st(lambda g: _meta(g, heads=["expression", "age"])), "'heads' must list"),

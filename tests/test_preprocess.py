@@ -23,6 +23,51 @@ def test_spec_round_trip_and_validation():
         InputSpec.from_dict({"size": 48, "colour": "red"})
 
 
+BAD_SPECS = [
+    ({"size": float("nan")}, "InputSpec.size must be an integer from 8 to 1024"),
+    ({"size": 0}, "InputSpec.size must be an integer from 8 to 1024, got 0"),
+    ({"size": 48.5}, "InputSpec.size must be an integer"),
+    ({"size": "48"}, "got '48' (str)"),
+    ({"size": True}, "InputSpec.size must be an integer"),
+    ({"channels": 2}, "InputSpec.channels must be 1 (grey) or 3 (RGB)"),
+    ({"mean": float("nan")}, "InputSpec.mean must be finite"),
+    ({"mean": [0.5, 0.5]}, "InputSpec.mean needs 1 value"),
+    ({"std": float("inf")}, "InputSpec.std must be finite"),
+    ({"std": -0.5}, "InputSpec.std must be positive"),
+    ({"std": "abc"}, "InputSpec.std must be a number or a list of 1 number"),
+    ({"crop_margin": float("nan")}, "InputSpec.crop_margin must be a finite number"),
+    ({"crop_margin": -0.95}, "InputSpec.crop_margin must be > -0.9"),
+    ({"crop_margin": 50.0}, "InputSpec.crop_margin must be > -0.9 and <= 10"),
+    ({"crop_offset_y": float("-inf")}, "InputSpec.crop_offset_y must be a finite number"),
+    ({"crop_offset_y": 3.0}, "InputSpec.crop_offset_y must be in [-2, 2]"),
+    ({"align": "yes"}, "InputSpec.align must be true or false"),
+    ({"source_size": 4}, "InputSpec.source_size must be an integer from 8 to 1024"),
+    ({"source_size": float("nan")}, "InputSpec.source_size must be an integer"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD_SPECS, ids=[str(f) for f, _ in BAD_SPECS])
+def test_every_bad_field_fails_in_the_constructor_and_from_dict(fields, message):
+    from ferengine.errors import InvalidValue
+
+    with pytest.raises(InvalidValue) as exc:
+        InputSpec(**fields)
+    assert message in str(exc.value)
+    with pytest.raises(InvalidValue) as exc:
+        InputSpec.from_dict({**InputSpec().to_dict(), **fields})
+    assert message in str(exc.value)
+
+
+def test_from_dict_wants_an_object_and_normalises_numbers():
+    with pytest.raises(ValueError, match="the input spec must be an object of fields .* got 'hello' \\(str\\)"):
+        InputSpec.from_dict("hello")
+    with pytest.raises(ValueError, match="got \\[48\\] \\(list\\)"):
+        InputSpec.from_dict([48])
+    spec = InputSpec.from_dict({"size": 64.0, "channels": 3, "mean": 0, "std": [1, 2, 3], "align": False})
+    assert spec.size == 64 and type(spec.size) is int and spec.mean == (0.0, 0.0, 0.0) and spec.std == (1.0, 2.0, 3.0)
+    assert InputSpec(size=np.int64(32), crop_margin=np.float32(0.5)).to_dict()["size"] == 32
+
+
 def test_crop_centres_the_box_and_scales_by_margin():
     frame = np.zeros((200, 300, 3), np.uint8)
     frame[80:120, 130:170] = 255  # a 40x40 white square centred at (150, 100)
