@@ -122,7 +122,7 @@ def resolve_output(path: str | os.PathLike, *, make_parents: bool = False) -> Ou
         real = Path(os.path.realpath(given))
         if str(given).startswith(_SPECIAL_ROOTS) or str(real).startswith(_SPECIAL_ROOTS):
             return OutputTarget(given, given, True)  # /dev/stdout redirected to a file: the shell's stream
-        return OutputTarget(given, real, False)
+        return OutputTarget(given, real if os.path.islink(given) else given, False)
 
     # not there (yet); a dangling symlink is written through to where it points
     target = Path(os.path.realpath(given)) if os.path.islink(given) else given
@@ -231,9 +231,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _newer(a: Path, b: Path) -> bool:
+    """``a`` was written after ``b`` (or there is no ``b``)."""
+    try:
+        return a.stat().st_mtime_ns >= b.stat().st_mtime_ns
+    except FileNotFoundError:
+        return True
+
+
 def clean_stale_temps(target: str | os.PathLike) -> list[Path]:
     """Temp files of ``target`` left by dead writers on this host: ``.tmp`` removed, ``.part`` kept as
-    :func:`partial_path` (when no such file is there yet, else removed). Returns the files handled.
+    :func:`partial_path` (replacing an older partial file; a ``.part`` older than the partial file there
+    is removed). Returns the files handled.
     Files of live processes, of other hosts, or not named by :func:`temp_path` are left alone."""
     target = Path(target)
     pattern = _temp_pattern(target)
@@ -248,7 +257,7 @@ def clean_stale_temps(target: str | os.PathLike) -> list[Path]:
             continue
         stale = Path(entry.path)
         try:
-            if m.group(3) == "part" and stale.stat().st_size > 0 and not partial_path(target).exists():
+            if m.group(3) == "part" and stale.stat().st_size > 0 and _newer(stale, partial_path(target)):
                 os.replace(stale, partial_path(target))
                 log.warning("an earlier writer of %s (pid %s) was killed before it finished; its rows are kept "
                             "in %s (partial)", show(target), m.group(1), show(partial_path(target)))
