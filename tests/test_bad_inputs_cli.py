@@ -575,3 +575,24 @@ def test_result_fields_are_not_overwritten_by_class_names():
                       "happy", 0.8, 0.1, 0.2, "estimated")
     with pytest.raises(InvalidValue, match=r"\['score'\] are also the names of result fields"):
         frame_result_to_dicts(FrameResult(0, 0.0, [face], {}, labels))
+
+
+def test_title_lettering_is_not_a_face(media_dir, ckpt, tmp_path, capsys):
+    """The short-range detector scored the title lettering of this cartoon 0.51-0.61 (above the default 0.5):
+    fer analyze wrote 4 'face' rows for a video without a human face. The keypoint check drops them."""
+    out = tmp_path / "r.csv"
+    video = media_dir / "videos" / "pyfeat_no_face.mp4"
+    code, _, err = fer(["analyze", video, "-c", ckpt, "--out", out, "-q", "--backend", "torch"], capsys)
+    assert code == 0, err
+    assert len(out.read_text().splitlines()) == 1  # the header only
+    assert "95 frames, 0 face rows" in err
+
+
+def test_keypoint_check_numbers():
+    from ferengine.faces import MAX_ROLL_DEG, TILTED_MIN_SCORE, eye_line_roll, plausible_face
+
+    level = np.array([[100, 100], [160, 100], [130, 130], [130, 150], [80, 110], [180, 110]], np.float32)
+    steep = np.array([[100, 100], [110, 160], [130, 130], [130, 150], [80, 110], [180, 110]], np.float32)  # 80.5 deg
+    assert eye_line_roll(level) == 0 and eye_line_roll(steep) == pytest.approx(80.54, abs=0.01)
+    assert plausible_face(level, 0.5) and not plausible_face(steep, 0.61) and plausible_face(steep, TILTED_MIN_SCORE)
+    assert MAX_ROLL_DEG == 45 and TILTED_MIN_SCORE == 0.75
