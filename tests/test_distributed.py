@@ -63,7 +63,8 @@ def test_two_processes_train_and_resume_exactly(setup):
 
 def test_daf_centres_follow_the_global_batch(setup):
     tmp, base, env = setup
-    tiny = ["--input-size", "32", "--width", "0.125", "--embedding-dim", "16"]
+    tiny = ["--input-size", "32", "--width", "0.125", "--embedding-dim", "16", "--tc-start", "0",
+            "--centre-init", "normal"]  # centres from N(0, 0.01): a norm > 0.05 means eq. 12 moved them
     _torchrun("daf", *base, *tiny, "--epochs", "1", "--out", str(tmp / "daf"), env=env)
     s = torch.load(tmp / "daf" / "state.pt", weights_only=True)
     c = s["method"]["centres"]

@@ -24,12 +24,13 @@ from pathlib import Path
 # name -> (what it is, flags of trainers.daf)
 READINGS: dict[str, tuple[str, list[str]]] = {
     "ce": ("cross-entropy only (--no-tc; Table 1's NOtcl)", ["--no-tc"]),
-    "mean": ("TC averaged over the batch (lambda/128 per item)", ["--tc-reduction", "mean"]),
+    "mean": ("TC averaged over the batch (lambda/128 per item), from step 1, centres N(0, 0.01)",
+             ["--tc-reduction", "mean", "--tc-start", "0", "--centre-init", "normal"]),
     "sum": ("TC summed over the batch (eq. 9 as printed), from step 1, centres N(0, 0.01)",
-            ["--tc-reduction", "sum"]),
-    "sum_warm5": ("eq. 9 as printed, lambda ramped 0 -> 0.007 over 5 epochs",
-                  ["--tc-reduction", "sum", "--lam-warmup", "5"]),
-    "ce_then_sum": ("CE for 8 epochs, then eq. 9 as printed with centres at the class means",
+            ["--tc-reduction", "sum", "--tc-start", "0", "--centre-init", "normal"]),
+    "sum_warm5": ("eq. 9 as printed, lambda ramped 0 -> 0.007 over 5 epochs, centres N(0, 0.01)",
+                  ["--tc-reduction", "sum", "--tc-start", "0", "--centre-init", "normal", "--lam-warmup", "5"]),
+    "ce_then_sum": ("CE for 8 epochs, then eq. 9 as printed with centres at the class means (the default)",
                     ["--tc-reduction", "sum", "--tc-start", "8", "--centre-init", "means"]),
     "ce_then_mean": ("CE for 8 epochs, then TC averaged, centres at the class means",
                      ["--tc-reduction", "mean", "--tc-start", "8", "--centre-init", "means"]),
