@@ -228,7 +228,7 @@ def cmd_export(args) -> int:
         import onnx
 
         written = _opset_of(onnx.load(str(out), load_external_data=False)) if not _is_special(out) else args.opset
-        print(f"wrote {show(out)} (ONNX opset {written})", file=sys.stderr)
+        print(f"wrote {show(out)}" + (f" (ONNX opset {written})" if written else ""), file=sys.stderr)
         return 0
     if args.format == "tensorrt":
         from .device import cuda_reason
