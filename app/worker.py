@@ -529,16 +529,21 @@ class CaptureWorker(QObject):
     def _cmd_stop_record(self) -> None:
         self._finish_recording("")
 
-    def _finish_recording(self, reason: str) -> None:
+    def _finish_recording(self, reason: str, complete: bool = True) -> None:
+        """End the recording. ``complete=False`` (the source failed under it): the rows so far are kept as
+        ``NAME.partial.csv`` and the chosen file is left as it was (ferengine.fileio's output rule)."""
         writer, self._writer = self._writer, None
         if writer is None:
             return
         try:
-            path = writer.close()
+            path = writer.close() if complete else writer.abort()
         except Exception as exc:  # noqa: BLE001
             self.recordingFailed.emit(f"Cannot finish {writer.path}: {exc}")
             return
-        self.recordingStopped.emit(str(path), int(writer.rows), reason)
+        if not complete:
+            reason = (f"{reason}; the rows so far are in {path}, {writer.path} is left as it was" if path
+                      else f"{reason}; nothing was recorded")
+        self.recordingStopped.emit(str(path or writer.path), int(writer.rows), reason)
 
     # -------------------------------------------------------------- one frame
     def _step(self) -> None:
@@ -553,12 +558,12 @@ class CaptureWorker(QObject):
             self._end_message = str(exc)  # emitted after the last frame has reached the GUI
             return
         except SourceError as exc:
-            self._finish_recording("the source failed")
+            self._finish_recording("the source failed", complete=False)
             self._close_source()
             self.sourceFailed.emit(self.source_spec, str(exc), self.request)
             return
         except Exception as exc:  # noqa: BLE001
-            self._finish_recording("the source failed")
+            self._finish_recording("the source failed", complete=False)
             self._close_source()
             self.sourceFailed.emit(self.source_spec, f"{getattr(src, 'name', 'source')}: {type(exc).__name__}: {exc}",
                                    self.request)

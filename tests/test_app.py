@@ -640,3 +640,27 @@ def test_a_shipped_default_model_is_used_and_listed(qtbot, make_window, monkeypa
     win._fill_model_menu()
     shipped = [a for a in win.model_menu.actions() if a.text() == "default"]
     assert len(shipped) == 1 and shipped[0].isChecked()
+
+
+def test_a_source_failing_under_a_recording_keeps_the_rows_as_partial(qtbot, make_window, tmp_path, long_video,
+                                                                       fastcnn_checkpoint):
+    """The output rule of ferengine.fileio in the app: a recording that the source ends by failing (not the
+    user by stopping it) keeps its rows as NAME.partial.csv and leaves the chosen file as it was."""
+    win = make_window(source=SourceSpec("video", str(long_video)), checkpoint=str(fastcnn_checkpoint), loop=True,
+                      fast=True)
+    qtbot.waitUntil(lambda: win.bundle is not None, timeout=WAIT_MS)
+    out = tmp_path / "rec.csv"
+    out.write_text("a complete earlier recording\n")
+    win.start_recording(out)
+    qtbot.waitUntil(lambda: win.recording_path is not None, timeout=WAIT_MS)
+    start = win.last_packet.processed if win.last_packet else 0
+    qtbot.waitUntil(lambda: win.last_packet is not None and win.last_packet.processed >= start + 5, timeout=WAIT_MS)
+
+    def fail():
+        raise SourceError("long.avi: the decoder stopped (simulated)")
+
+    win.worker.source.read = fail
+    qtbot.waitUntil(lambda: win.recording_path is None, timeout=WAIT_MS)
+    assert out.read_text() == "a complete earlier recording\n"
+    partial = tmp_path / "rec.partial.csv"
+    assert partial.is_file() and partial.read_text().splitlines()[0].startswith("frame,time_s,face_id")
