@@ -393,3 +393,16 @@ def test_an_os_error_on_a_temp_file_names_the_real_file(temp, tmp_path):
     line = one_line(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / temp)))
     assert line.startswith(f"{tmp_path / 'state.pt'}: Permission denied") and "tmp;" not in line
     assert "check its permissions" in line
+
+
+def test_resume_with_a_new_lr_trains_at_that_lr(fresh):
+    """--resume --lr X: the saved optimiser state holds the old lr; the continued run must use X (it
+    silently kept the old one), at the schedule's position (a step schedule's decay applies to X too)."""
+    sched = ["--scheduler", "step", "--step-size", "1", "--gamma", "0.5"]
+    first = fresh["tmp"] / "sched"
+    assert run("baseline", fresh["train"](*sched, out=first)) == 0
+    assert run("baseline", ["--out", str(first), "--resume", "--epochs", "2", "--lr", "0.02"]) == 0
+    with open(first / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    lr1 = float(rows[0]["lr"])
+    assert float(rows[1]["lr"]) == pytest.approx(0.02 * 0.5), f"epoch 1 ran at {lr1}; epoch 2 must run at 0.02 x 0.5"

@@ -198,6 +198,12 @@ def _load_state(t: "Trainer", s: dict[str, Any]) -> None:
     for n, sch in t.schedules.items():
         sch.total_steps = t.schedule_total(epoch)
         sch.load_state_dict(s["schedulers"][n])
+    old_lr = (s.get("config") or {}).get("lr")
+    if isinstance(old_lr, (int, float)) and old_lr > 0 and float(old_lr) != float(t.cfg.lr):
+        for sch in t.schedules.values():  # the saved optimiser state holds the old lr: --lr must win
+            sch.rescale(float(t.cfg.lr) / float(old_lr))
+        log.info("resume: --lr %g instead of the run's %g: every learning rate of the schedule scaled by %g",
+                 t.cfg.lr, old_lr, t.cfg.lr / old_lr)
     if t.momentum is not None and s.get("momentum"):
         t.momentum.load_state_dict(s["momentum"])
     t.scaler.load_state_dict(s["scaler"])

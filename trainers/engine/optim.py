@@ -183,6 +183,15 @@ class LRSchedule:
                 "warmup_steps": self.warmup_steps,
                 "best": self.best, "bad_epochs": self.bad_epochs, "lrs": list(self.lrs)}
 
+    def rescale(self, ratio: float) -> None:
+        """Multiply every group's base lr (and plateau's current lr) by ``ratio``: a resumed run whose
+        ``--lr`` was changed continues at the new lr, at the schedule's current position (the optimiser's
+        saved state would otherwise bring the old lr back)."""
+        for g in self._groups():
+            g["initial_lr"] = g["initial_lr"] * ratio
+        self.lrs = [lr * ratio for lr in self.lrs]
+        self._apply()
+
     def load_state_dict(self, s: dict[str, Any]) -> None:
         """Restore the position and the warm-up; the total of this invocation's plan wins (a new --epochs
         re-times a cosine)."""
