@@ -69,3 +69,20 @@ def test_daf_centres_follow_the_global_batch(setup):
     s = torch.load(tmp / "daf" / "state.pt", weights_only=True)
     c = s["method"]["centres"]
     assert c.shape == (7, 16) and float(c.norm(dim=1).mean()) > 0.05, "eq. 12 moved the centres"
+
+
+def test_a_diverging_run_stops_every_process(setup):
+    """A non-finite loss under torchrun stops all processes at the same step with the one-line error (the
+    check is collective: one process stopping alone would leave the other waiting in its next all-reduce)."""
+    tmp, base, env = setup
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "trainers.baseline", *base, "--arch-kwargs", '{"width": 0.25}', "--epochs", "1", "--lr", "1e30",
+           "--out", str(tmp / "nan")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if "training loss became non-finite" in ln]
+    assert len(lines) == 2, f"both processes stop with the one line:\n{r.stderr[-3000:]}"
+    assert lines[0].split("error: ", 1)[1] == lines[1].split("error: ", 1)[1], "at the same step"
+    # (torchrun's own launcher prints a traceback of ChildFailedError; none comes from our code)
+    assert f'File "{ROOT / "trainers"}' not in r.stderr and f'File "{ROOT / "ferengine"}' not in r.stderr
+    assert not (tmp / "nan" / "best.safetensors").exists()

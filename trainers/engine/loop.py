@@ -399,7 +399,14 @@ class Trainer:
 
     def _check_finite_loss(self, first_bad: torch.Tensor, epoch: int, n_steps: int, logs_: dict[str, Any]) -> None:
         """Stop the run when the training loss was NaN or infinite: its weights are lost, and nothing of this
-        epoch is written (state.pt and the checkpoints stay those of the last finished epoch)."""
+        epoch is written (state.pt and the checkpoints stay those of the last finished epoch). Under torchrun
+        every process takes part (the same steps of each process's equal share): the first bad step of any
+        process stops them all at once, instead of one stopping while the others wait in the next all-reduce."""
+        if self.dist.enabled:  # the earliest bad step of any process (-1: none anywhere)
+            none = torch.iinfo(torch.long).max
+            b = torch.where(first_bad < 0, torch.full_like(first_bad, none), first_bad)
+            torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
+            first_bad = torch.where(b == none, torch.full_like(b, -1), b)
         bad_step = int(first_bad)
         if bad_step < 0:
             return
