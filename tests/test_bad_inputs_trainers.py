@@ -220,7 +220,8 @@ def test_bad_input_is_one_line_and_loses_nothing(case, fresh, capsys, monkeypatc
 
 def test_a_method_options_are_checked_by_the_same_rule(fresh, capsys):
     """Every method's Config gets the engine's range rule with no code of its own (DAF-CNN's margin, lambda)."""
-    for flag, value in (("--margin", "-1"), ("--lam", "nan"), ("--centre-lr", "-0.5")):
+    for flag, value in (("--margin", "-1"), ("--lam", "nan"), ("--centre-lr", "-0.5"), ("--dropout", "1.5"),
+                        ("--width", "0"), ("--width", "1000"), ("--embedding-dim", "0")):
         assert call(run, "daf", [*fresh["train"](), flag, value]) == 2
         one_error_line(capsys.readouterr().err, f"{flag} must be")
 
@@ -367,6 +368,14 @@ def test_fer_eval_release_calibrate_and_list(fresh, capsys):
     nolab = _no_emotion(fresh, fresh["tmp"])
     assert call(fer_main, ["eval", *data[:2], "--data-dir", nolab[nolab.index("--data-dir") + 1], *data[4:]]) == 2
     one_error_line(capsys.readouterr().err, "fer2013.csv line 1")
+    # an unwritable --json is refused before the evaluation runs (it used to fail after it)
+    folder = fresh["tmp"] / "a-folder"
+    folder.mkdir()
+    for bad in (folder, fresh["tmp"] / "missing" / "m.json"):
+        assert call(fer_main, ["eval", *data, "--json", str(bad)]) == 2
+        cap = capsys.readouterr()
+        one_error_line(cap.err, f"cannot write {bad}")
+        assert "accuracy" not in cap.out + cap.err, "nothing was evaluated"
 
     kept = best.read_bytes()
     same = str(fresh["ok"] / ".." / fresh["ok"].name / "best.safetensors")

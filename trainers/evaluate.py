@@ -452,6 +452,10 @@ def run_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
     opts = dict(args.data_opt)
+    if args.json:  # a --json that cannot be written fails now, not after the whole evaluation
+        from ferengine.fileio import check_output
+
+        check_output(Path(args.json))
     if str(args.device).strip().lower() not in ("auto", ""):
         from ferengine.device import resolve_device
 

@@ -140,9 +140,10 @@ class DAF(Method):
                         "(divided by the batch size, as Wen et al.'s centre-loss layer: 1/143 of CE per item)")
         init: str | None = opt(None, metavar="CKPT", help="start from this checkpoint's weights and architecture "
                                                           "(SFEW: a FER2013 model)")
-        embedding_dim: int | None = opt(None, help="size of FC_1, the TC embedding (none given: 512)")
-        width: float | None = opt(None, help="multiplier of the channel widths 64..512 (none given: 1)")
-        dropout: float = opt(0.5, help="dropout before each of the two FC layers")
+        embedding_dim: int | None = opt(None, lo=1, hi=65536, help="size of FC_1, the TC embedding (none given: 512)")
+        width: float | None = opt(None, lo=0.0, lo_open=True, hi=16.0,
+                                  help="multiplier of the channel widths 64..512 (none given: 1)")
+        dropout: float = opt(0.5, hi=1.0, hi_open=True, help="dropout before each of the two FC layers")
         arch_kwargs: dict[str, Any] = opt(factory=dict, metavar="JSON",
                                           help="further daf_cnn arguments: head_pool (flatten|avg), embedding_relu, "
                                                "attention_mlp_act (relu|none), reduction, spatial_kernel")
