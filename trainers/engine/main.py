@@ -265,8 +265,10 @@ def main(method_cls: type[Method], argv: Sequence[str] | None = None, *,
                      "or start a new run in another --out)")
         return line
 
+    rc = 1
     try:
-        return guard(prog, body, verbose=wants_traceback(argv), on_interrupt=on_interrupt, on_error=on_error)
+        rc = guard(prog, body, verbose=wants_traceback(argv), on_interrupt=on_interrupt, on_error=on_error)
+        return rc
     finally:
         if run.get("restore") is not None:
             run["restore"]()
@@ -274,6 +276,8 @@ def main(method_cls: type[Method], argv: Sequence[str] | None = None, *,
         if dist is not None and dist.enabled:
             import torch.distributed
 
+            if rc == 0:  # every process finished: leave together (one tearing gloo down under another's
+                torch.distributed.barrier()  # last writes aborted it: "terminate called without an active exception")
             torch.distributed.destroy_process_group()
 
 
