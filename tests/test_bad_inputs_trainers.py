@@ -369,9 +369,10 @@ def test_fer_eval_release_calibrate_and_list(fresh, capsys):
     assert call(fer_main, ["eval", *data[:2], "--data-dir", nolab[nolab.index("--data-dir") + 1], *data[4:]]) == 2
     one_error_line(capsys.readouterr().err, "fer2013.csv line 1")
     # an unwritable --json is refused before the evaluation runs (it used to fail after it)
-    folder = fresh["tmp"] / "a-folder"
+    folder, afile = fresh["tmp"] / "a-folder", fresh["tmp"] / "a-file"
     folder.mkdir()
-    for bad in (folder, fresh["tmp"] / "missing" / "m.json"):
+    afile.write_text("x")
+    for bad in (folder, afile / "m.json"):
         assert call(fer_main, ["eval", *data, "--json", str(bad)]) == 2
         cap = capsys.readouterr()
         one_error_line(cap.err, f"cannot write {bad}")

@@ -455,7 +455,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:  # a --json that cannot be written fails now, not after the whole evaluation
         from ferengine.fileio import check_output
 
-        check_output(Path(args.json))
+        check_output(Path(args.json), make_parents=True)  # as atomic_write_json makes the folder
     if str(args.device).strip().lower() not in ("auto", ""):
         from ferengine.device import resolve_device
 
