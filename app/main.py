@@ -64,31 +64,29 @@ def check_log_level(value, name: str = "log level") -> str:
 
 
 # the path checks name the path (argparse puts "argument --video: " before the message)
-def check_video_path(value) -> str:
+def _existing(value, *, folder: bool, missing: str, wrong: str) -> str:
+    """``value`` as an existing folder (``folder=True``) or non-folder; the two messages say what to give."""
     path = Path(value).expanduser()
-    if path.is_dir():
-        raise InvalidValue(f"{value}: is a folder; use --folder for a folder of images")
     if not path.exists():
-        raise InvalidValue(f"{value}: no such file; give the path of a video file")
+        raise InvalidValue(f"{value}: {missing}")
+    if path.is_dir() != folder:
+        raise InvalidValue(f"{value}: {wrong}")
     return str(path)
+
+
+def check_video_path(value) -> str:
+    return _existing(value, folder=False, missing="no such file; give the path of a video file",
+                     wrong="is a folder; use --folder for a folder of images")
 
 
 def check_folder_path(value) -> str:
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise InvalidValue(f"{value}: no such folder; give a folder of images")
-    if not path.is_dir():
-        raise InvalidValue(f"{value}: not a folder; use --video for a video file")
-    return str(path)
+    return _existing(value, folder=True, missing="no such folder; give a folder of images",
+                     wrong="not a folder; use --video for a video file")
 
 
 def check_checkpoint_path(value) -> str:
-    path = Path(value).expanduser()
-    if path.is_dir():
-        raise InvalidValue(f"{value}: is a folder; give a checkpoint file (.safetensors, .pt)")
-    if not path.exists():
-        raise InvalidValue(f"{value}: no such file; give a checkpoint file (.safetensors, .pt)")
-    return str(path)
+    return _existing(value, folder=False, missing="no such file; give a checkpoint file (.safetensors, .pt)",
+                     wrong="is a folder; give a checkpoint file (.safetensors, .pt)")
 
 
 def check_png_path(value) -> str:
