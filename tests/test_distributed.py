@@ -72,8 +72,9 @@ def test_daf_centres_follow_the_global_batch(setup):
 
 
 def test_a_diverging_run_stops_every_process(setup):
-    """A non-finite loss under torchrun stops all processes at the same step with the one-line error (the
-    check is collective: one process stopping alone would leave the other waiting in its next all-reduce)."""
+    """A non-finite loss under torchrun stops all processes at the same step with the one-line error, through
+    the collective check. (Here both processes diverge at the same step; the case the collective exists for,
+    a NaN in one process's share only, is not reproduced by this fixture.)"""
     tmp, base, env = setup
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "trainers.baseline", *base, "--arch-kwargs", '{"width": 0.25}', "--epochs", "1", "--lr", "1e30",
