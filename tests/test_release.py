@@ -39,7 +39,7 @@ def test_release_writes_model_card_and_calibrated_half_checkpoint(tmp_path, fer_
     loaded = ck.load(src)
     hw = {"device": "cuda:0", "name": "NVIDIA H100 80GB HBM3", "cpus": 16, "torch": "2.11.0+cu130", "amp": "bfloat16"}
     ck.save(src, loaded.model, dataclasses.replace(
-        loaded.info, training=dict(loaded.info.training) | {"hardware": hw}))
+        loaded.info, training=dict(loaded.info.training) | {"hardware": hw, "notes": ["trained from scratch"]}))
     notes = tmp_path / "notes.md"
     notes.write_text("Trained with `--time-budget 380`.\n")
     assert main([str(src), "--out", str(out), "--name", "tiny test model", "--calibration", str(cal),
@@ -61,7 +61,7 @@ def test_release_writes_model_card_and_calibrated_half_checkpoint(tmp_path, fer_
     assert f"**{ev['accuracy']:.2f} %**" in card
     assert "pytest fixture" in card  # the training command recorded in the checkpoint
     assert "Trained on: NVIDIA H100 80GB HBM3 (`cuda:0`, 16 CPUs), PyTorch 2.11.0+cu130, mixed precision bfloat16" in card
-    assert "## Notes\n\nTrained with `--time-budget 380`." in card
+    assert "## Notes\n\n- trained from scratch\n\nTrained with `--time-budget 380`." in card  # the run's, then --notes
     assert shipped.info.training["release_notes"] == "Trained with `--time-budget 380`."
     assert (out.parent / "default.confusion.png").stat().st_size > 1000
 

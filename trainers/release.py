@@ -270,7 +270,9 @@ def model_card(loaded, r: dict[str, Any]) -> str:
         *([f"Trained on: {hw.get('name')} (`{hw.get('device')}`, {hw.get('cpus')} CPUs), PyTorch {hw.get('torch')}, "
            f"mixed precision {hw.get('amp') or 'off'}."] if (hw := t.get("hardware")) else []),
         "",
-        *(["## Notes", "", t["release_notes"], ""] if t.get("release_notes") else []),
+        *(["## Notes", "", *[f"- {n}" for n in t.get("notes") or [] if isinstance(n, str)],
+           *([""] if t.get("notes") else []), *([t["release_notes"], ""] if t.get("release_notes") else [])]
+          if t.get("release_notes") or t.get("notes") else []),
         f"## Evaluation (the shipped file, through {m.get('backend', 'ONNX Runtime')})",
         "",
         "```bash",

@@ -16,7 +16,9 @@ class FaceResNet(nn.Module):
 
     ``stem="small"`` (for 40-112 px faces such as FER2013's 48x48) uses a 3x3 stride-1 first conv and
     no max-pool, so a 48 px face still has a 6x6 map at the last block; ``stem="imagenet"`` is the
-    usual 7x7/2 conv + max-pool for 224 px input.
+    usual 7x7/2 conv + max-pool for 224 px input. ``width`` multiplies the channel widths 64-128-256-512
+    (CPU-scale studies; 1 is the standard network, whose parameter names are torchvision's, so its
+    state_dicts load with ``trainers.modules.pretrained.load_resnet_trunk``).
     """
 
     def __init__(
@@ -27,19 +29,25 @@ class FaceResNet(nn.Module):
         av_head: bool = False,
         dropout: float = 0.0,
         pretrained: bool = False,
+        width: float = 1.0,
     ):
         super().__init__()
         if stem not in ("small", "imagenet"):
             raise ValueError(f"stem must be 'small' or 'imagenet', got {stem!r}")
-        trunk = ResNet(BasicBlock, [2, 2, 2, 2])
+        if not 0 < float(width) <= 8:
+            raise ValueError(f"width must be in (0, 8], got {width!r}")
+        if pretrained and float(width) != 1.0:
+            raise ValueError("pretrained ImageNet weights exist for width 1 only")
+        trunk = ResNet(BasicBlock, [2, 2, 2, 2]) if float(width) == 1.0 else _narrow_resnet(float(width))
+        c0 = trunk.conv1.out_channels
         if pretrained:
             trunk.load_state_dict(_imagenet_state_dict())
         if stem == "small":
-            trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            trunk.conv1 = nn.Conv2d(3, c0, kernel_size=3, stride=1, padding=1, bias=False)
             trunk.maxpool = nn.Identity()
         if in_chans != 3:
             old = trunk.conv1
-            new = nn.Conv2d(in_chans, 64, old.kernel_size, old.stride, old.padding, bias=False)
+            new = nn.Conv2d(in_chans, c0, old.kernel_size, old.stride, old.padding, bias=False)
             with torch.no_grad():  # keep pretrained filters meaningful for grey input
                 new.weight.copy_(old.weight.mean(dim=1, keepdim=True).expand_as(new.weight))
             trunk.conv1 = new
@@ -48,9 +56,10 @@ class FaceResNet(nn.Module):
             trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4,
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = OutputHeads(512, num_classes, av_head, dropout)
+        dim = trunk.fc.in_features
+        self.head = OutputHeads(dim, num_classes, av_head, dropout)
         self.heads = self.head.heads
-        self.feature_dim = 512
+        self.feature_dim = dim
         size = 224 if stem == "imagenet" else 48
         self.default_input = {"size": size, "channels": in_chans}
 
@@ -72,6 +81,25 @@ class FaceResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _narrow_resnet(width: float) -> ResNet:
+    """torchvision's ResNet-18 layout with every channel width multiplied by ``width`` (>= 1 channel)."""
+    w = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
+    net = ResNet(BasicBlock, [2, 2, 2, 2])
+    net.conv1 = nn.Conv2d(3, w[0], kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(w[0])
+    net.inplanes = w[0]
+    for i, (name, stride) in enumerate((("layer1", 1), ("layer2", 2), ("layer3", 2), ("layer4", 2))):
+        setattr(net, name, net._make_layer(BasicBlock, w[i], 2, stride=stride))
+    net.fc = nn.Linear(w[3], 1000)
+    for m in net.modules():  # torchvision's initialisation of the rebuilt layers
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    return net
+
+
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     try:
         return torch.hub.load_state_dict_from_url(IMAGENET_URL, progress=False, weights_only=True)
@@ -86,7 +114,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
 @register_model(cfg=ModelCfg(input={"size": 48, "channels": 1}, features=FaceResNet.feature_names))
 def resnet18(
     num_classes: int = 7, in_chans: int = 1, stem: str = "small", av_head: bool = False,
-    dropout: float = 0.0, pretrained: bool = False,
+    dropout: float = 0.0, pretrained: bool = False, width: float = 1.0,
 ) -> FaceResNet:
     """ResNet-18 (11.2M params); stem 'small' for 48-112 px grey faces, 'imagenet' for 224 RGB."""
-    return FaceResNet(num_classes, in_chans, stem, av_head, dropout, pretrained)
+    return FaceResNet(num_classes, in_chans, stem, av_head, dropout, pretrained, width)

@@ -69,6 +69,7 @@ def checkpoint_info(t: "Trainer", metrics: dict[str, Any], epoch: int) -> ckpt.C
         **({"dropped_copies_of": t.train_ds.info["dropped_copies_of"]}
            if "dropped_copies_of" in getattr(t.train_ds, "info", {}) else {}),
         **({"crop_calibration": t.crop} if t.crop is not None else {}),
+        **({"notes": notes} if (notes := list(t.method.training_notes())) else {}),
         "epochs": cfg.epochs, "epoch": epoch, "seed": cfg.seed, "git_commit": git_commit(),
         "hardware": hardware(t.device, t.amp_dtype, t.dist.world_size), "config": cfg.to_dict(),
     }

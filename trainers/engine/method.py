@@ -207,6 +207,11 @@ class Method:
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
         """After evaluation, before checkpoints and state are written."""
 
+    def training_notes(self) -> list[str]:
+        """Facts about this run a reader of the checkpoint must know (e.g. "no pre-training: ..."): stored in
+        the checkpoint's training metadata (``notes``) and printed on the model card."""
+        return []
+
     # -- state (resume); tensors and plain containers only
     def state_dict(self) -> dict[str, Any]:
         return {}
