@@ -207,8 +207,11 @@ class TrainConfig:
                                             "the checkpoints (FER2013/FER+ have a measured one built in)")
     augment: str = opt("standard", group=D, help="augmentation preset (trainers.augment.AUGMENT_PRESETS)")
     aug: dict[str, Any] = opt(factory=dict, group=D, action=KeyValue, metavar="KEY=VALUE",
-                              help="augmentation override, repeatable (translate, hflip, rotate, scale, brightness, "
-                                   "contrast, erase, erase_area, erase_ratio, padding), e.g. --aug rotate=30")
+                              help="augmentation override, repeatable (translate, hflip, rotate, rotate_p, scale, "
+                                   "affine_translate, affine_p, fivecrop, brightness, contrast, saturation, hue, "
+                                   "jitter_p, grey_p, blur_p, blur_sigma, blur_kernel, erase, erase_area, erase_ratio, "
+                                   "erase_value, padding; see trainers.augment.AugmentConfig), e.g. --aug rotate=30 "
+                                   "--aug blur_sigma=[0.1,2]")
     workers: int = opt(min(4, os.cpu_count() or 1), group=D,
                        help="DataLoader workers (on-disk datasets; in-memory ones need none)")
     # optimisation
