@@ -262,3 +262,31 @@ def test_width_resnet_names_match_torchvision():
     with pytest.raises(ValueError, match="width"):
         create_model("resnet18", width=0)
     assert json.dumps({"width": 0.25})  # arch_kwargs stay JSON
+
+
+def test_rafdb_without_pretraining_says_so(tmp_path, caplog):
+    import cv2
+    import numpy as np
+
+    basic = tmp_path / "rafdb" / "basic"
+    (basic / "EmoLabel").mkdir(parents=True)
+    (basic / "Image" / "aligned").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = [f"train_{i:05d}.jpg {1 + i % 7}" for i in range(1, 17)] + [f"test_{i:04d}.jpg {1 + i % 7}" for i in range(1, 9)]
+    (basic / "EmoLabel" / "list_patition_label.txt").write_text("\n".join(lines) + "\n")
+    for line in lines:
+        name = line.split()[0].replace(".jpg", "_aligned.jpg")
+        cv2.imwrite(str(basic / "Image" / "aligned" / name), rng.integers(0, 256, (100, 100, 3), dtype=np.uint8))
+    cls = get_method("ecan")
+    argv = ["--data", "rafdb", "--data-dir", str(tmp_path / "rafdb"), "--out", str(tmp_path / "run"), "--batch-size",
+            "8", "--no-tensorboard", "--bench-batches", "0", "--workers", "0", "--width", "0.125", "--device", "cpu"]
+    with caplog.at_level("WARNING"):
+        t = Trainer(parse_config(cls, argv), cls)
+    assert any("without pre-training" in r.getMessage() and "--init" in r.getMessage() for r in caplog.records)
+    assert any("no pre-training" in n for n in t.method.training_notes())
+    assert t.cfg.epochs == 40 and t.cfg.batch_size == 8 and t.cfg.lr == 0.1  # the RAF-DB row of the table
+    assert t.spec.size == 224 and t.spec.channels == 3 and tuple(t.spec.mean) == (0.485, 0.456, 0.406)
+    assert t.method.arch_kwargs["stem"] == "imagenet"
+    aug = t.train_batches.augments[0].config  # RAF-DB strong: blur and colour jitter, no FiveCrop/affine
+    assert aug.blur_p > 0 and aug.saturation > 0 and aug.fivecrop == 0 and aug.affine_p == 0
+    assert t.method.bank.size == 16  # the 16 training images: the bank never holds repeats
