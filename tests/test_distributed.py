@@ -71,6 +71,20 @@ def test_daf_centres_follow_the_global_batch(setup):
     assert c.shape == (7, 16) and float(c.norm(dim=1).mean()) > 0.05, "eq. 12 moved the centres"
 
 
+def test_ecan_bank_holds_the_global_batch(setup):
+    """MoCo's rule under torchrun: each push is every process's keys (one group = the global batch), so the
+    bank of 2 processes is the bank of one."""
+    tmp, base, env = setup
+    tiny = ["--width", "0.125", "--bank-size", "64", "--aug", "erase=0.0"]
+    _torchrun("ecan", *base, *tiny, "--epochs", "1", "--out", str(tmp / "ecan"), env=env)
+    b = torch.load(tmp / "ecan" / "state.pt", weights_only=True)["method"]["bank"]
+    assert b["features"].shape == (64, 128) and b["count"] == 64
+    assert b["pushes"] == 2 + 4, "the frozen fill (2 groups of 32) + one push per step (128 images / 32)"
+    groups = b["groups"][b["groups"] >= 0]
+    assert sorted(torch.bincount(groups).tolist())[-2:] == [32, 32], "a group is the global batch of 32 keys"
+    assert torch.allclose(b["features"].norm(dim=1), torch.ones(64), atol=1e-4)
+
+
 def test_a_diverging_run_stops_every_process(setup):
     """A non-finite loss under torchrun stops all processes at the same step with the one-line error, through
     the collective check. (Here both processes diverge at the same step; the case the collective exists for,
