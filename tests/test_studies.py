@@ -46,3 +46,22 @@ def test_train_skips_finished_runs_and_resumes_others(tmp_path, monkeypatch):
     (tmp_path / "ce" / "state.pt").write_bytes(b"")
     daf_tc.train("ce", tmp_path, "DATA", 3, [])
     assert "--resume" in calls[-1] and "--no-tc" not in calls[-1], "a state.pt: resumed with the run's own settings"
+
+
+def test_ecan_terms_measures_both_reductions_on_real_batches(tmp_path, monkeypatch):
+    """trainers.studies.ecan_terms: the sum reading is the mean times the number of anchors (2N for ENSC over
+    the two views, at least N for MVA), and every term's gradient reaches the encoder."""
+    from conftest import write_fer2013
+    from trainers.studies import ecan_terms
+
+    monkeypatch.setenv("FER_DESKTOP_CACHE", str(tmp_path / "cache"))
+    write_fer2013(tmp_path / "data" / "fer2013", n_train=96, n_val=16)
+    argv = ["--data", "fer2013", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--width",
+            "0.125", "--batch-size", "32", "--bank-size", "64", "--workers", "0", "--no-tensorboard", "--device", "cpu",
+            "--no-amp", "--bench-batches", "0"]
+    r = ecan_terms.measure(argv, steps=2)
+    assert set(r) == {"ce", "ensc_mean", "ensc_sum", "mva_mean", "mva_sum"} and r["ce"]["grad_vs_ce"] == 1.0
+    assert abs(r["ensc_sum"]["value"] / r["ensc_mean"]["value"] - 64) < 1e-3
+    # MVA: N times the mean, times a larger alpha (eq. 9's variance of summed group losses grows with N^2)
+    assert r["mva_sum"]["value"] / r["mva_mean"]["value"] > 32 - 1e-3
+    assert all(v["grad_norm"] > 0 and v["batches"] == 2 for v in r.values())
