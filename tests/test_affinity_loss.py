@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainers.losses.affinity import affinity_loss, centre_spread, mva_loss
+from trainers.losses.affinity import affinity_loss, centre_loss, centre_spread, mva_loss
 
 C = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]])
 X = torch.tensor([[1.0, 0.0], [2.0, 1.0], [0.0, 2.0], [-1.0, -1.0]])
@@ -21,6 +21,17 @@ def test_affinity_by_hand():
     y = Y.clone()
     y[3] = -1
     assert float(affinity_loss(X, y, C, "sum")) == pytest.approx(6.0 / (20 / 3))
+
+
+def test_centre_loss_by_hand():
+    # eq. 7: 1/(2m) sum ||x_i - c_{y_i}||^2 = (1 + 1 + 4 + 2) / 8
+    assert float(centre_loss(X, Y, C)) == pytest.approx(8.0 / 8)
+    y = Y.clone()
+    y[2] = -1  # left out: (1 + 1 + 2) / 6
+    assert float(centre_loss(X, y, C)) == pytest.approx(4.0 / 6)
+    c = C.clone().requires_grad_(True)
+    centre_loss(X, torch.full_like(Y, -1), c).backward()  # no labelled item: zero, still differentiable
+    assert c.grad is not None and float(c.grad.abs().sum()) == 0.0
 
 
 def test_mva_weights_the_current_group_by_the_spread_of_the_groups():

@@ -12,6 +12,9 @@ built on DAN's affinity loss (Wen et al., "Distract your attention", eq. 8 here)
   network weights ... we treat them as an adjustment coefficient": ``alpha`` carries no gradient, and the
   gradient is the current group's affinity loss scaled by ``alpha``.
 
+Also eq. 7, Wen et al.'s centre loss ``1/(2m) sum_i ||x_i - c_{y_i}||^2`` (Table 3's "Center" row), on the same
+squared distances.
+
 The paper sums over the m items (eq. 8); DAN's code divides by the batch size. ``reduction`` chooses
 (``"mean"``: DAN's); the method states which it uses. Items labelled < 0 are left out.
 """
@@ -21,7 +24,7 @@ from typing import Literal, Sequence
 
 import torch
 
-__all__ = ["affinity_loss", "centre_spread", "mva_loss"]
+__all__ = ["affinity_loss", "centre_loss", "centre_spread", "mva_loss"]
 
 Reduction = Literal["mean", "sum"]
 
@@ -31,6 +34,18 @@ def centre_spread(centres: torch.Tensor) -> torch.Tensor:
     return centres.float().var(dim=0).sum()
 
 
+def _sq_distances(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``||x_i - c_{y_i}||^2`` of the labelled items (labels >= 0), float32."""
+    keep = labels >= 0
+    return (x[keep].float() - centres.float()[labels[keep].long()]).pow(2).sum(1)
+
+
+def centre_loss(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: ``1/(2m) sum_i ||x_i - c_{y_i}||^2`` over the labelled items (0 with gradient when none)."""
+    d2 = _sq_distances(x, labels, centres)
+    return 0.5 * d2.mean() if d2.numel() else centres.float().sum() * 0.0
+
+
 def affinity_loss(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor,
                   reduction: Reduction = "mean") -> torch.Tensor:
     """Eq. 8 for one feature group ``x`` ``(m, d)`` against ``centres`` ``(K, d)``."""
@@ -38,11 +53,9 @@ def affinity_loss(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor,
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if centres.shape[0] < 2:
         raise ValueError("the affinity loss needs at least 2 class centres (their variance divides it)")
-    keep = labels >= 0
-    x, y = x[keep].float(), labels[keep].long()
-    if x.shape[0] == 0:
+    d2 = _sq_distances(x, labels, centres)
+    if d2.numel() == 0:
         return centres.float().sum() * 0.0
-    d2 = (x - centres.float()[y]).pow(2).sum(1)
     total = d2.sum() if reduction == "sum" else d2.mean()
     return total / centre_spread(centres)
 

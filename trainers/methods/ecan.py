@@ -24,7 +24,7 @@ What one step does (section 3), for a batch of N images with two augmented views
 
 Choices the paper leaves open, and why (each is a flag):
 
-- projection ``--proj-dims 512,128``: MoCo v2's MLP head (hidden = the encoder's width, ReLU, 128-d out;
+- projection ``--proj-dims 512,128``: MoCo v2's MLP head (hidden 512 = the full encoder's width, ReLU, 128-d out;
   facebookresearch/moco ``builder.py``: dim=128, mlp), also SupCon's. ``--proj-dims none`` is the paper's
   literal reading (the contrastive terms on the normalised 512-d encoder features; it names no projection).
 - temperature 0.07 and key momentum 0.999: MoCo's (the paper takes m = 0.999 from MoCo and gives no T).
@@ -67,7 +67,7 @@ from ferengine.preprocess import InputSpec
 
 from ..augment import BatchAugment, ecan_augment
 from ..engine import Batch, DataInfo, Method, TrainError, opt
-from ..losses.affinity import centre_spread, mva_loss
+from ..losses.affinity import centre_loss, centre_spread, mva_loss
 from ..losses.ce import masked_cross_entropy
 from ..losses.supcon import supcon_loss
 from ..modules.momentum import frozen_copy
@@ -219,7 +219,6 @@ class ECAN(Method):
             log.warning("ECAN on RAF-DB without pre-training: the paper starts from an MS-Celeb-1M ResNet-18, which "
                         "cannot be downloaded here; give one with --init FILE. Training from scratch.")
         self.arch, self.arch_kwargs = ARCH, kwargs
-        self.data_name = data.name
         centres = None
         if o.loss == "ensc+mva":
             centres = (data.num_classes, self.proj[-1] if self.proj else net.feature_dim)
@@ -258,9 +257,8 @@ class ECAN(Method):
         if self.uses_bank:
             gb = int(t.cfg.batch_size)  # the global batch: one push = one group of every process's keys
             n = len(t.train_ds)
-            cap = (n // gb) * gb if n >= gb else n
-            size = min(int(o.bank_size), cap)
-            size = max(gb, (size // gb) * gb) if n >= gb else size
+            # whole groups, at least one, never more than the training set (n < gb: one partial batch)
+            size = max(gb, min(int(o.bank_size), n) // gb * gb) if n >= gb else min(int(o.bank_size), n)
             if size != o.bank_size:
                 log.info("ECAN: memory bank of %d features (%d groups of %d) instead of --bank-size %d: a whole number "
                          "of global batches, no larger than the %d training images", size, size // gb, gb,
@@ -312,10 +310,7 @@ class ECAN(Method):
             logs["loss"] = ce
             return logs
         if o.loss == "center":
-            c = self.model.centres
-            keep = y >= 0
-            d2 = (out["embedding"].float()[keep] - c[y[keep]]).pow(2).sum(1)
-            centre = 0.5 * d2.mean() if d2.numel() else c.sum() * 0.0  # eq. 7: 1/(2m) sum ||x - c||^2
+            centre = centre_loss(out["embedding"], y, self.model.centres)  # eq. 7, on the classifier's features
             logs.update(center=centre.detach(), loss=ce + o.lambda2 * centre)
             return logs
         zq = out["z"]
@@ -350,7 +345,7 @@ class ECAN(Method):
         notes = [f"ECAN loss {self.opts.loss}, augmentation level {self.cfg.augment} (Table 1)"]
         if self.init_report is not None:
             notes.append("encoder initialised from " + self.init_report.summary())
-        elif getattr(self, "data_name", "") == "rafdb":
+        elif self.trainer.data.name == "rafdb":
             notes.append("no pre-training: the paper starts RAF-DB from an MS-Celeb-1M ResNet-18 (not available here); "
                          "this model was trained from scratch")
         else:

@@ -45,10 +45,6 @@ class InitReport:
         s += "; classifier " + ("loaded (same classes)" if self.classifier else "fresh")
         return s
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "source": self.source, "loaded": self.loaded, "total": self.total,
-                "adapted": self.adapted, "skipped": self.skipped, "classifier_loaded": self.classifier}
-
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors or weights-only torch file, unwrapped and without DataParallel prefixes."""
@@ -160,6 +156,8 @@ def load_resnet_trunk(net: nn.Module, path: str | Path, labels: list[str] | None
 
 def _is_own_checkpoint(path: str) -> bool:
     """A safetensors file with fer-desktop's checkpoint metadata (else: a plain state_dict file)."""
+    from ferengine import checkpoint as ck
+
     try:
         from safetensors import safe_open
 
@@ -167,6 +165,4 @@ def _is_own_checkpoint(path: str) -> bool:
             meta = f.metadata() or {}
     except Exception:
         return False  # read_state_dict / ck.load give the message
-    from ferengine import checkpoint as ck
-
     return ck.META_KEY in meta
