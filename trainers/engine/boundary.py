@@ -158,13 +158,20 @@ def guard(prog: str, body: Callable[[], int], *, verbose: bool = False, verbose_
         _to_log_file(logging.ERROR, line)
         if verbose:
             traceback.print_exc(file=err)
-        print(f"{prog}: error: {line}", file=err)
+        _say(err, f"{prog}: error: {line}")
         return 2
     except Exception as exc:  # noqa: BLE001 - the boundary: a bug, reported in one line
         _to_log_file(logging.ERROR, f"internal error: {type(exc).__name__}: {exc}", exc_info=True)
         if verbose:
             traceback.print_exc(file=err)
         msg = " ".join(str(exc).split())
-        print(f"{prog}: internal error: {type(exc).__name__}: {msg} (run with {verbose_hint} for the traceback; "
-              "please report it)", file=err)
+        _say(err, f"{prog}: internal error: {type(exc).__name__}: {msg} (run with {verbose_hint} for the traceback; "
+                  "please report it)")
         return 1
+
+
+def _say(err, text: str) -> None:
+    """One write of the whole line (``print`` writes the newline apart): under torchrun the processes share
+    stderr, and each one's report must stay on its own line."""
+    err.write(text + "\n")
+    err.flush()
