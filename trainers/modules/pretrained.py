@@ -21,6 +21,7 @@ from ..engine.errors import TrainError
 
 __all__ = ["InitReport", "load_resnet_trunk", "read_state_dict"]
 
+RESNET18_ARCHS = ("resnet18", "clcl_resnet18")  # registered networks whose trunk is a FaceResNet ResNet-18
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "backbone", "encoder")
 _PREFIXES = ("module.", "model.", "backbone.", "encoder_q.", "encoder.", "net.")
 
@@ -106,8 +107,9 @@ def load_resnet_trunk(net: nn.Module, path: str | Path, labels: list[str] | None
             loaded = ck.load(p)
         except ck.CheckpointError as exc:
             raise TrainError(f"--init: {exc}") from None
-        if loaded.info.arch != "resnet18":
-            raise TrainError(f"--init {p}: a {loaded.info.arch!r} checkpoint; this method trains a 'resnet18'")
+        if loaded.info.arch not in RESNET18_ARCHS:
+            raise TrainError(f"--init {p}: a {loaded.info.arch!r} checkpoint; its trunk is not a ResNet-18 "
+                             f"(expected one of {', '.join(RESNET18_ARCHS)})")
         sd = loaded.model.state_dict()
         report = InitReport(p, "fer-desktop checkpoint")
         if labels is not None and [s.lower() for s in loaded.info.labels] == [s.lower() for s in labels]:
@@ -145,6 +147,8 @@ def load_resnet_trunk(net: nn.Module, path: str | Path, labels: list[str] | None
     if extra:
         raise TrainError(f"--init {p}: not a ResNet-18 state_dict: it has {len(extra)} stage tensors the network "
                          f"lacks (e.g. {extra[0]}: a deeper ResNet such as ResNet-34?)")
+    if own_head and any(k not in target or v.shape != target[k].shape for k, v in own_head.items()):
+        own_head = {}  # the same classes, another head (e.g. resnet18's 512-d classifier for an MSR network)
     new.update(own_head)
     report.classifier = bool(own_head)
     report.loaded = len([k for k in new if not k.startswith("head.")])
