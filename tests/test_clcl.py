@@ -35,7 +35,7 @@ FERPLUS_HEADER = ("Usage,Image name,neutral,happiness,surprise,sadness,anger,dis
 FER_TO_FERPLUS = {0: 4, 1: 5, 2: 6, 3: 1, 4: 3, 5: 2, 6: 0}   # angry..neutral -> FER+'s vote columns
 COMMON = ["--batch-size", "32", "--no-tensorboard", "--bench-batches", "0", "--workers", "0", "--device", "cpu",
           "--no-amp", "--width", "0.125", "--input-size", "32", "--fd-bs", "16", "--msr-dim", "16",
-          "--cl-channels", "16", "--kmeans-iters", "3"]
+          "--cl-channels", "16", "--msr-channels", "8", "--kmeans-iters", "3"]
 
 
 def write_ferplus(root: Path, n_train: int = 192, n_val: int = 64) -> Path:
@@ -335,3 +335,19 @@ def test_paper_augmentation_is_resize_256_crop_224_flip_erase(data, tmp_path):
     assert c.erase == 0.5 and c.erase_area == (0.02, 0.33) and c.erase_value == 0.5 and c.rotate == 0
     with pytest.raises(TrainError, match="--augment"):
         _trainer(data, tmp_path / "b", "--augment", "bogus")
+
+
+def test_init_loads_a_torchvision_trunk_into_the_msr_network(tmp_path):
+    import torchvision
+
+    from ferengine.models import create_model
+    from trainers.modules.pretrained import load_resnet_trunk
+
+    torch.manual_seed(1)
+    sd = torchvision.models.resnet18().state_dict()
+    torch.save(sd, tmp_path / "r18.pt")
+    net = create_model("clcl_resnet18", num_classes=8, in_chans=1, stem="imagenet")
+    report = load_resnet_trunk(net, tmp_path / "r18.pt", None)
+    torch.testing.assert_close(net.layer2[0].conv1.weight, sd["layer2.0.conv1.weight"])
+    torch.testing.assert_close(net.stem[0].weight, sd["conv1.weight"].mean(1, keepdim=True))  # RGB -> grey
+    assert any(k.startswith("msr.") for k in report.skipped) and not report.classifier  # MSR starts fresh

@@ -151,7 +151,7 @@ class CLCL(Method):
              "Expression Recognition, IEEE TIP 2024")
     datasets = ("ferplus", "rafdb", "sfew", "affectnet")
     test_args = ("--width", "0.125", "--input-size", "32", "--fd-bs", "16", "--msr-dim", "16", "--cl-channels", "16",
-                 "--kmeans-iters", "3")
+                 "--msr-channels", "8", "--kmeans-iters", "3")
     unused_parameters = True   # a batch smaller than K leaves CLBS without a K-means; DDP must allow it
 
     @dataclass
@@ -170,8 +170,11 @@ class CLCL(Method):
         fd_fm: int = opt(16, lo=2, hi=1024, help="fd_fm: hash code numbers per channel, a (y, x) pair per region")
         fd_bs: int = opt(128, lo=1, hi=65536, help="fd_bs: CLBS vector size")
         msr_dim: int = opt(128, lo=1, hi=65536, help="fd of eq. 8: MSR feature size")
+        msr_channels: int | None = opt(None, lo=1, hi=65536,
+                                       help="channels of MSR's conv per block (none given: 128 x --width)")
         cl_channels: int | None = opt(None, lo=1, hi=65536,
-                                      help="channels of the CLBS conv before GAP (none given: 512 x --width)")
+                                      help="channels of the CLBS conv before GAP (none given: 512 x --width, Fig. 2's "
+                                           "GAP(512) scaled with the trunk)")
         hash_temperature: float = opt(0.5, lo=0.0, lo_open=True, hi=100.0,
                                       help="softmax temperature of the soft-argmax hash coding")
         kmeans_iters: int = opt(10, lo=0, hi=1000, help="Lloyd iterations of every K-means")
@@ -228,7 +231,8 @@ class CLCL(Method):
             kwargs["width"] = width
         arch = "clcl_resnet18" if o.msr else "resnet18"
         if o.msr:
-            kwargs.update(msr_dim=int(o.msr_dim), msr_channels=int(o.msr_dim))
+            kwargs.update(msr_dim=int(o.msr_dim),
+                          msr_channels=int(o.msr_channels) if o.msr_channels else max(1, int(round(128 * width))))
         try:
             net = create_model(arch, **kwargs)
         except (TypeError, ValueError) as exc:
@@ -281,11 +285,16 @@ class CLCL(Method):
         m = self.model
         n_cl = sum(p.numel() for p in [*m.clfm.parameters(), *m.clbs.parameters()])
         n_net = sum(p.numel() for p in m.net.parameters())
-        log.info("CLCL: CLFM %s, CLBS %s, MSR %s; exported %s %.2fM params, training-only CL heads %.2fM; K_FM %d, "
-                 "K_BS %d, fd_fm %d (hash grid %s, T %g), fd_bs %d, deep grad %s",
-                 self.alpha or "off", self.beta or "off", "on" if o.msr else "off", self.arch, n_net / 1e6,
-                 n_cl / 1e6, o.k_fm, self.k_bs, o.fd_fm, "x".join(map(str, hash_grid(int(o.fd_fm)))),
-                 o.hash_temperature, o.fd_bs, o.deep_grad)
+        parts = [f"CLFM {self.alpha or 'off'}", f"CLBS {self.beta or 'off'}", f"MSR {'on' if o.msr else 'off'}"]
+        if self.alpha:
+            parts.append(f"K_FM {o.k_fm}, fd_fm {o.fd_fm} (hash grid {'x'.join(map(str, hash_grid(int(o.fd_fm))))}, "
+                         f"T {o.hash_temperature:g})")
+        if self.beta:
+            parts.append(f"K_BS {self.k_bs}, fd_bs {o.fd_bs}")
+        if self.alpha or self.beta:
+            parts.append(f"deep grad {'on' if o.deep_grad else 'off'}, K-means {o.kmeans_iters} iterations")
+        log.info("CLCL: %s; exported %s %.2fM params, training-only CL heads %.2fM", "; ".join(parts), self.arch,
+                 n_net / 1e6, n_cl / 1e6)
 
     # ------------------------------------------------------------------ loop
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
