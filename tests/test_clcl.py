@@ -351,3 +351,15 @@ def test_init_loads_a_torchvision_trunk_into_the_msr_network(tmp_path):
     torch.testing.assert_close(net.layer2[0].conv1.weight, sd["layer2.0.conv1.weight"])
     torch.testing.assert_close(net.stem[0].weight, sd["conv1.weight"].mean(1, keepdim=True))  # RGB -> grey
     assert any(k.startswith("msr.") for k in report.skipped) and not report.classifier  # MSR starts fresh
+
+
+def test_paper_settings_per_dataset():
+    cls = get_method("clcl")
+    c = parse_config(cls, ["--data", "ferplus"])
+    assert (c.optimizer, c.lr, c.weight_decay, c.scheduler, c.gamma, c.epochs, c.input_size, c.batch_size) == (
+        "adam", 1e-3, 1e-4, "exponential", 0.9, 100, 224, 256)
+    assert tuple(c.extra.get("alpha", (0.0, 0.1, 0.0))) == (0.0, 0.1, 0.0)
+    assert parse_config(cls, ["--data", "affectnet"]).data_opts == {"classes": 7}     # AffectNet-7, as the paper
+    assert parse_config(cls, ["--data", "affectnet", "--data-opt", "classes=8"]).data_opts == {"classes": 8}
+    for d in ("rafdb", "sfew"):
+        assert parse_config(cls, ["--data", d]).out == f"runs/clcl_{d}"
