@@ -148,7 +148,7 @@ class CLCL(Method):
 
     name = "clcl"
     paper = ("Xie, Peng, Shen, Lu, Zhang, Song, Cross-layer Contrastive Learning of Latent Semantics for Facial "
-             "Expression Recognition, IEEE TIP 2024")
+             "Expression Recognition (papers/cross_layer_contrastive.md)")
     datasets = ("ferplus", "rafdb", "sfew", "affectnet")
     test_args = ("--width", "0.125", "--input-size", "32", "--fd-bs", "16", "--msr-dim", "16", "--cl-channels", "16",
                  "--msr-channels", "8", "--kmeans-iters", "3")
