@@ -70,7 +70,7 @@ from ferengine.preprocess import InputSpec
 
 from ..augment import AUGMENT_PRESETS, AugmentConfig, BatchAugment, augment_config
 from ..engine import Batch, DataInfo, Method, TrainError, opt
-from ..losses.ce import masked_cross_entropy
+from ..losses.ce import classification_loss
 from ..losses.clcl import clbs_loss, clfm_loss, hash_codes, hash_grid
 from . import register_method
 
@@ -300,7 +300,8 @@ class CLCL(Method):
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         o = self.opts
         out = self.model(batch.input)
-        ce = masked_cross_entropy(out["logits"], batch.label, self.cfg.label_smoothing)
+        # FER+'s majority labels (the paper's protocol); with --data-opt mode=distribution, its vote distribution
+        ce = classification_loss(out["logits"], batch.label, batch.soft, self.cfg.label_smoothing)
         loss = ce
         logs: dict[str, torch.Tensor] = {"ce": ce.detach()}
         if self.alpha:
