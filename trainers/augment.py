@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AugmentConfig", "BatchAugment", "AUGMENT_PRESETS", "augment_config", "ecan_augment", "to_nchw_uint8",
+__all__ = ["AugmentConfig", "BatchAugment", "AUGMENT_PRESETS", "augment_config", "with_overrides", "ecan_augment", "to_nchw_uint8",
            "adjust_saturation", "adjust_hue", "gaussian_blur", "blur_kernel_size", "LUMA"]
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 luminance weights (torchvision's rgb_to_grayscale, within 1e-4)
@@ -190,13 +190,21 @@ def augment_config(preset: str = "standard", overrides: dict[str, Any] | None = 
         base = AUGMENT_PRESETS[preset]
     except KeyError:
         raise ValueError(f"unknown augmentation preset {preset!r}; known: {', '.join(AUGMENT_PRESETS)}") from None
+    return with_overrides(base, overrides)
+
+
+def with_overrides(base: AugmentConfig, overrides: dict[str, Any] | None) -> AugmentConfig:
+    """``base`` with the ``--aug KEY=VALUE`` field overrides; ValueError naming an unknown or bad one."""
     if not overrides:
         return base
     known = {f.name for f in fields(AugmentConfig)}
     bad = sorted(set(overrides) - known)
     if bad:
         raise ValueError(f"unknown augmentation option(s) {bad}; known: {sorted(known)}")
-    return replace(base, **overrides)
+    try:
+        return replace(base, **overrides)
+    except TypeError as exc:
+        raise ValueError(f"augmentation options {overrides}: {exc}") from None
 
 
 # ECAN (papers/ecan.md, section 4.3, Table 1) lists which transforms each level uses on each dataset, no

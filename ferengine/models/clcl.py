@@ -70,9 +70,7 @@ class CLCLResNet(FaceResNet):
     def __init__(self, num_classes: int = 7, in_chans: int = 1, stem: str = "small", av_head: bool = False,
                  dropout: float = 0.0, width: float = 1.0, msr_dim: int = 128, msr_channels: int = 128):
         super().__init__(num_classes, in_chans, stem, av_head, dropout, pretrained=False, width=width)
-        chans = tuple(getattr(self, n)[-1].conv2.out_channels for n in self.feature_names)
-        self.block_channels = chans
-        self.msr = MSR(chans, int(msr_dim), int(msr_channels))
+        self.msr = MSR(self.block_channels, int(msr_dim), int(msr_channels))
         self.head = OutputHeads(self.msr.dim, num_classes, av_head, dropout)
         self.heads = self.head.heads
         self.feature_dim = self.msr.dim
@@ -90,5 +88,5 @@ def clcl_resnet18(
     num_classes: int = 7, in_chans: int = 1, stem: str = "small", av_head: bool = False, dropout: float = 0.0,
     width: float = 1.0, msr_dim: int = 128, msr_channels: int = 128,
 ) -> CLCLResNet:
-    """ResNet-18 + multi-scale representation (cross-layer contrastive learning, eqs. 8-9; 11.5M params)."""
+    """ResNet-18 + multi-scale representation (cross-layer contrastive learning, eqs. 8-9; 11.4M params)."""
     return CLCLResNet(num_classes, in_chans, stem, av_head, dropout, width, msr_dim, msr_channels)

@@ -56,6 +56,7 @@ class FaceResNet(nn.Module):
             trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4,
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.block_channels = tuple(getattr(self, n)[-1].conv2.out_channels for n in self.feature_names)
         dim = trunk.fc.in_features
         self.head = OutputHeads(dim, num_classes, av_head, dropout)
         self.heads = self.head.heads

@@ -59,27 +59,25 @@ Choices the paper leaves open, and why (each is a flag):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ferengine.models import create_model
 from ferengine.preprocess import InputSpec
 
-from ..augment import AUGMENT_PRESETS, AugmentConfig, BatchAugment, augment_config
+from ..augment import AUGMENT_PRESETS, AugmentConfig, BatchAugment, with_overrides
 from ..engine import Batch, DataInfo, Method, TrainError, opt
 from ..losses.ce import classification_loss
 from ..losses.clcl import clbs_loss, clfm_loss, hash_codes, hash_grid
+from ..modules.resnet import ResNetOptions, build_resnet, resnet_input_spec
 from . import register_method
 
 log = logging.getLogger("trainers.clcl")
 
 __all__ = ["CLCL", "CLCLNet", "CLFMHead", "CLBSHead", "paper_augment"]
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-BLOCKS = ("layer1", "layer2", "layer3", "layer4")
 
 
 def paper_augment(source_size: int) -> AugmentConfig:
@@ -129,7 +127,7 @@ class CLCLNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
         feats = self.net.forward_features(x)
         out = self.net.forward_head(feats)
-        f = [feats[b] for b in BLOCKS]
+        f = [feats[b] for b in self.net.feature_names]
         out["clfm"] = {int(j): m(f[int(j) - 1]) for j, m in self.clfm.items()}
         out["clbs"] = {int(j): m(f[int(j) - 1]) for j, m in self.clbs.items()}
         return out
@@ -152,10 +150,10 @@ class CLCL(Method):
     datasets = ("ferplus", "rafdb", "sfew", "affectnet")
     test_args = ("--width", "0.125", "--input-size", "32", "--fd-bs", "16", "--msr-dim", "16", "--cl-channels", "16",
                  "--msr-channels", "8", "--kmeans-iters", "3")
-    unused_parameters = True   # a batch smaller than K leaves CLBS without a K-means; DDP must allow it
+    unused_parameters = True   # --no-deep-grad leaves block 4's CL heads without gradient; a 1-face batch, CLBS
 
     @dataclass
-    class Config:
+    class Config(ResNetOptions):                      # --width, --stem, --init: trainers.modules.resnet
         clfm: bool = opt(True, help="CLFM, the feature-map contrast (eqs. 1-6); --no-clfm for Table IV")
         clbs: bool = opt(True, help="CLBS, the batch-sample contrast (eq. 7); --no-clbs for Table IV")
         msr: bool = opt(True, help="MSR, the multi-scale representation (eqs. 8-9); --no-msr: the classifier on "
@@ -180,14 +178,6 @@ class CLCL(Method):
         kmeans_iters: int = opt(10, lo=0, hi=1000, help="Lloyd iterations of every K-means")
         deep_grad: bool = opt(True, help="the alignment losses also train block 4 (eqs. 6-7 as written); "
                                          "--no-deep-grad: deep centroids are fixed targets")
-        width: float | None = opt(None, lo=0.0, lo_open=True, hi=8.0,
-                                  help="ResNet-18 channel-width multiplier (CPU-scale studies; none given: 1)")
-        stem: Literal["small", "imagenet"] | None = opt(
-            None, help="small: 3x3 stride-1 stem for <= 112 px input; imagenet: 7x7/2 + max-pool (none given: by "
-                       "input size, imagenet from 128 px)")
-        init: str | None = opt(None, metavar="FILE",
-                               help="start the trunk from a torchvision/timm ResNet-18 state_dict (.safetensors / "
-                                    "weights-only .pt, e.g. ImageNet weights) or a resnet18 checkpoint of ours")
 
     # IV-A: Adam 1e-3, weight decay 1e-4, exponential decay 0.9, 100 epochs, 224 px; batch 256 (official code)
     defaults = dict(
@@ -223,30 +213,16 @@ class CLCL(Method):
     # ------------------------------------------------------------------ building
     def build_model(self, data: DataInfo) -> nn.Module:
         o = self.opts
-        size = int(self.cfg.input_size or 224)
         width = float(o.width) if o.width is not None else 1.0
-        kwargs: dict[str, Any] = {"num_classes": data.num_classes, "in_chans": int(self.cfg.channels or data.channels),
-                                  "stem": o.stem or ("imagenet" if size >= 128 else "small")}
-        if width != 1.0:
-            kwargs["width"] = width
         arch = "clcl_resnet18" if o.msr else "resnet18"
-        if o.msr:
-            kwargs.update(msr_dim=int(o.msr_dim),
-                          msr_channels=int(o.msr_channels) if o.msr_channels else max(1, int(round(128 * width))))
-        try:
-            net = create_model(arch, **kwargs)
-        except (TypeError, ValueError) as exc:
-            raise TrainError(f"cannot build {arch} with {kwargs}: {exc}") from None
-        if o.init:
-            from ..modules.pretrained import load_resnet_trunk
-
-            self.init_report = load_resnet_trunk(net, o.init, list(data.label_names) if not o.msr else None)
-            log.info("CLCL: trunk initialised from %s", self.init_report.summary())
-        else:
+        extra = {"msr_dim": int(o.msr_dim), "msr_channels": int(o.msr_channels or max(1, round(128 * width)))} \
+            if o.msr else {}
+        net, kwargs, self.init_report = build_resnet(arch, o, self.cfg, data, log, **extra)
+        if not o.init:
             log.warning("CLCL: no pre-training: the paper starts from ImageNet weights, which cannot be downloaded "
                         "here; give a ResNet-18 file with --init FILE. Training from scratch.")
         self.arch, self.arch_kwargs = arch, kwargs
-        chans = [getattr(net, b)[-1].conv2.out_channels for b in BLOCKS]
+        chans = net.block_channels
         clfm: dict[int, nn.Module] = {}
         clbs: dict[int, nn.Module] = {}
         if self.alpha:
@@ -263,22 +239,15 @@ class CLCL(Method):
         return self.trainer.model.net
 
     def input_spec(self, model: nn.Module, data: DataInfo) -> InputSpec:
-        size = int(self.cfg.input_size or model.net.default_input["size"])
-        ch = int(model.net.default_input["channels"])
-        if ch == 3:  # ImageNet statistics: what torchvision ResNet-18 weights were trained with
-            return InputSpec(size=size, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        return InputSpec(size=size, channels=ch)
+        return resnet_input_spec(model.net, self.cfg)
 
     def build_augment(self) -> list[BatchAugment]:
-        if self.cfg.augment == "paper":
-            cfg = paper_augment(int(self.trainer.data.image_size))
-            if self.cfg.aug:
-                try:
-                    cfg = replace(cfg, **self.cfg.aug)
-                except (TypeError, ValueError) as exc:
-                    raise TrainError(f"--aug {self.cfg.aug}: {exc}") from None
-            return [BatchAugment(cfg)]
-        return super().build_augment()
+        if self.cfg.augment != "paper":
+            return super().build_augment()
+        try:
+            return [BatchAugment(with_overrides(paper_augment(int(self.trainer.data.image_size)), self.cfg.aug))]
+        except ValueError as exc:
+            raise TrainError(f"--aug: {exc}") from None
 
     def setup(self) -> None:
         o = self.opts

@@ -55,23 +55,23 @@ The exported checkpoint is the query encoder + linear classifier only (a plain `
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ferengine.models import create_model
 from ferengine.preprocess import InputSpec
 
-from ..augment import BatchAugment, ecan_augment
+from ..augment import BatchAugment, ecan_augment, with_overrides
 from ..engine import Batch, DataInfo, Method, TrainError, opt
 from ..losses.affinity import centre_loss, centre_spread, mva_loss
 from ..losses.ce import masked_cross_entropy
 from ..losses.supcon import supcon_loss
 from ..modules.momentum import frozen_copy
 from ..modules.queue import LabelledQueue
+from ..modules.resnet import ResNetOptions, build_resnet, resnet_input_spec
 from . import register_method
 
 log = logging.getLogger("trainers.ecan")
@@ -80,7 +80,6 @@ __all__ = ["ECAN", "ECANNet", "parse_proj_dims"]
 
 ARCH = "resnet18"
 LOSSES = ("ce", "center", "supcon", "esc", "ensc", "ensc+mva")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def parse_proj_dims(text: str | None) -> tuple[int, ...]:
@@ -149,7 +148,7 @@ class ECAN(Method):
     views = 2
 
     @dataclass
-    class Config:
+    class Config(ResNetOptions):                      # --width, --stem, --init: trainers.modules.resnet
         loss: Literal["ce", "center", "supcon", "esc", "ensc", "ensc+mva"] = opt(
             "ensc+mva", help="Table 3's loss: ce (the baseline), center (CE + lambda2 x centre loss), supcon (eq. 4), "
                              "esc (eq. 5, the whole bank as negatives), ensc (eq. 6), ensc+mva (ECAN, eq. 11)")
@@ -166,14 +165,6 @@ class ECAN(Method):
         contrast_reduction: Literal["mean", "sum"] = opt(
             "mean", help="SupCon/ESC/ENSC over the 2N anchors: mean, or sum (eqs. 4-6 as printed)")
         mva_reduction: Literal["mean", "sum"] = opt("mean", help="affinity loss over the batch: mean (DAN) or sum (eq. 8)")
-        width: float | None = opt(None, lo=0.0, lo_open=True, hi=8.0,
-                                  help="ResNet-18 channel-width multiplier (CPU-scale studies; none given: 1)")
-        stem: Literal["small", "imagenet"] | None = opt(
-            None, help="small: 3x3 stride-1 stem for <= 112 px input; imagenet: 7x7/2 + max-pool (none given: by "
-                       "input size, imagenet from 128 px)")
-        init: str | None = opt(None, metavar="FILE",
-                               help="start the encoder from a resnet18 checkpoint of ours or a torchvision/timm "
-                                    "ResNet-18 state_dict (.safetensors / weights-only .pt), e.g. MS-Celeb-1M weights")
 
     # 4.2 (SGD, lr 0.1, batch 256); momentum/decay: DAN's; schedule: cosine (see the module doc)
     defaults = dict(
@@ -201,21 +192,8 @@ class ECAN(Method):
     # ------------------------------------------------------------------ building
     def build_model(self, data: DataInfo) -> nn.Module:
         o = self.opts
-        size = int(self.cfg.input_size or 48)
-        kwargs: dict[str, Any] = {"num_classes": data.num_classes, "in_chans": int(self.cfg.channels or data.channels),
-                                  "stem": o.stem or ("imagenet" if size >= 128 else "small")}
-        if o.width is not None and float(o.width) != 1.0:
-            kwargs["width"] = float(o.width)
-        try:
-            net = create_model(ARCH, **kwargs)
-        except (TypeError, ValueError) as exc:
-            raise TrainError(f"cannot build {ARCH} with {kwargs}: {exc}") from None
-        if o.init:
-            from ..modules.pretrained import load_resnet_trunk
-
-            self.init_report = load_resnet_trunk(net, o.init, list(data.label_names))
-            log.info("ECAN: encoder initialised from %s", self.init_report.summary())
-        elif data.name == "rafdb":
+        net, kwargs, self.init_report = build_resnet(ARCH, o, self.cfg, data, log)
+        if not o.init and data.name == "rafdb":
             log.warning("ECAN on RAF-DB without pre-training: the paper starts from an MS-Celeb-1M ResNet-18, which "
                         "cannot be downloaded here; give one with --init FILE. Training from scratch.")
         self.arch, self.arch_kwargs = ARCH, kwargs
@@ -231,11 +209,7 @@ class ECAN(Method):
         return self.trainer.model.net
 
     def input_spec(self, model: nn.Module, data: DataInfo) -> InputSpec:
-        size = int(self.cfg.input_size or model.net.default_input["size"])
-        ch = int(model.net.default_input["channels"])
-        if ch == 3:  # ImageNet statistics: what torchvision / MS-Celeb ResNet-18 weights were trained with
-            return InputSpec(size=size, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        return InputSpec(size=size, channels=ch)
+        return resnet_input_spec(model.net, self.cfg)
 
     def build_augment(self) -> list[BatchAugment]:
         data = self.trainer.data
@@ -243,12 +217,10 @@ class ECAN(Method):
             cfg = ecan_augment(self.cfg.augment, data.name, int(data.image_size), int(data.channels))
         except ValueError as exc:
             raise TrainError(f"ecan: {exc}") from None
-        if self.cfg.aug:
-            try:
-                cfg = replace(cfg, **self.cfg.aug)
-            except (TypeError, ValueError) as exc:
-                raise TrainError(f"--aug {self.cfg.aug}: {exc}") from None
-        return [BatchAugment(cfg)]
+        try:
+            return [BatchAugment(with_overrides(cfg, self.cfg.aug))]
+        except ValueError as exc:
+            raise TrainError(f"--aug: {exc}") from None
 
     def setup(self) -> None:
         o, t = self.opts, self.trainer
