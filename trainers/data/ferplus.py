@@ -28,6 +28,18 @@ Modes (opt ``mode``):
   go to the emotion) and they have at least one emotion vote. ``labels`` = the emotion with most votes
   (first in label order on ties), so accuracy can be measured; use ``majority`` for the test protocol.
 
+Valence/arousal (opt ``va``): ``va=anchors`` adds ``va`` (float32 ``(N,2)`` in [-1, 1]) to the faces of either
+mode: a PROXY valence/arousal task, since FER+ has no human valence/arousal ratings. Each face's target is the
+vote-weighted mean of the category anchors ``ferengine.labels.AV_ANCHORS`` (Russell & Mehrabian 1977; contempt
+is fer-desktop's own placement) of the 8 emotion classes: the raw 8 emotion votes normalised to sum 1 (no
+outlier removal, ``unknown``/``NF`` left out, in both modes), i.e. exactly
+``ferengine.labels.estimate_va(votes[:8] / votes[:8].sum(), LABEL_SETS["ferplus8"])``. So 6 happy and 4 neutral
+votes give ``(0.6 * 0.81, 0.6 * 0.51)``. Every load with it logs a WARNING saying that the targets are a proxy,
+and ``info["va"]`` says so too. They measure agreement with the annotators' categories placed on the anchor
+plane, not valence/arousal as people rate it. ``va=none`` (the default): no ``va``. The data cache holds only
+the decoded images (fer2013 csv, FERPlus folders), never targets, so loads with and without ``va`` share it
+and the targets are always computed from the votes as read.
+
 Label order: ``ferengine.labels.LABEL_SETS["ferplus8"]`` (neutral, happy, surprise, sad, angry, disgust,
 fear, contempt), the vote-column order.
 """
@@ -41,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from ferengine.labels import LABEL_SETS
+from ferengine.labels import AV_ANCHOR_SOURCE, LABEL_SETS, anchor_matrix
 
 from . import cache
 from .base import (
@@ -72,7 +84,10 @@ SUBDIRS = ("ferplus", "FERPlus", "FERPlus/data", "FERPlus-master/data", "data")
 SOURCE = ("FER+ labels come from the FERPlus GitHub repository (github.com/microsoft/FERPlus: "
           "fer2013new.csv; its src/generate_training_data.py writes the FER2013Train/Valid/Test folders); "
           "the images are FER2013's. " + FER_SOURCE)
-OPTS = COMMON_OPTS + ("mode", "min_votes", "majority", "source")
+OPTS = COMMON_OPTS + ("mode", "min_votes", "majority", "source", "va")
+VA_MODES = ("none", "anchors")
+PROXY_WARNING = ("valence/arousal targets are a PROXY: the vote-weighted mean of category anchors "
+                 "(ferengine.labels.AV_ANCHORS), not human valence/arousal ratings")
 
 
 def find_new_csv(data_dir: Path) -> Path | None:
@@ -109,6 +124,18 @@ def distribution_targets(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     keep = (s > 0) & (emo.max(axis=1) >= votes[:, 8:].max(axis=1))
     soft = emo / np.maximum(s, 1e-12)[:, None]
     return keep, soft.astype(np.float32), emo.argmax(axis=1).astype(np.int64)
+
+
+def anchor_va(votes: np.ndarray) -> np.ndarray:
+    """Proxy valence/arousal of (N,10) votes: float32 (N,2), the anchors (``ferengine.labels.AV_ANCHORS``) of
+    the 8 emotion classes weighted by their raw votes normalised to sum 1 (``estimate_va`` of that
+    distribution); ``unknown``/``NF`` votes are left out; a face without an emotion vote gets the neutral point."""
+    anchors, mask = anchor_matrix(LABEL_SETS["ferplus8"])
+    assert mask.all(), "every FER+ class has an anchor"
+    emo = np.asarray(votes, np.float64)[:, :8]
+    s = emo.sum(axis=1, keepdims=True)
+    va = np.divide(emo @ anchors, s, out=np.zeros((len(emo), 2)), where=s > 0)
+    return np.clip(va, -1.0, 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------- csv pair
@@ -249,6 +276,10 @@ def read_ferplus(data_dir: Path, split: str, **opts: Any) -> FaceDataset:
     mode = str(opts.get("mode", "majority")).lower()
     if mode not in ("majority", "distribution"):
         raise DatasetError(f"ferplus: unknown mode {mode!r}; expected 'majority' or 'distribution'")
+    va_mode = str(opts.get("va", "none")).strip().lower()
+    if va_mode not in VA_MODES:
+        raise DatasetError(f"ferplus: unknown va {opts['va']!r}; expected 'anchors' (proxy valence/arousal targets "
+                           f"from the votes and the category anchors) or 'none'")
     source = str(opts.get("source", "auto")).lower()
     new_csv = find_new_csv(data_dir) if source in ("auto", "csv") else None
     fer_csv = find_csv(data_dir) if new_csv is not None else None
@@ -280,9 +311,14 @@ def read_ferplus(data_dir: Path, split: str, **opts: Any) -> FaceDataset:
     log.info("ferplus/%s (%s): %d faces kept of %d (%d dropped: no majority or unknown/not-a-face)",
              split, mode, int(keep.sum()), n_all, n_all - int(keep.sum()))
     kept = np.flatnonzero(keep)
+    va = None
+    if va_mode == "anchors":
+        va = anchor_va(votes[kept])
+        info["va"] = f"proxy: vote-weighted mean of the category anchors ({AV_ANCHOR_SOURCE}); not human ratings"
+        log.warning("ferplus/%s: %s", split, PROXY_WARNING)
     files = [names[i] for i in kept] if info.get("layout") == "ferplus-folders" else None
     meta = {"image_name": np.asarray([Path(names[i]).name for i in kept], dtype=str)}
     if rows is not None:
         meta["fer2013_row"] = rows[kept]  # 0-based data-row index into the fer2013 csv
     return FaceDataset("ferplus", split, LABEL_SETS["ferplus8"], labels, images=images[keep],
-                       soft_labels=soft, files=files, image_size=48, channels=1, info=info, meta=meta)
+                       soft_labels=soft, va=va, files=files, image_size=48, channels=1, info=info, meta=meta)
