@@ -1,6 +1,8 @@
-"""The proxy valence/arousal task on FER+ (``--data-opt va=anchors``)."""
+"""The proxy valence/arousal task on FER+ (``--data-opt va=anchors``) and the estimated-AV evaluation of
+categorical models (``fer eval`` of a checkpoint without an AV head on data with AV targets)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -8,7 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import patterns
+from ferengine import checkpoint as ck
+from ferengine.cli import main
 from ferengine.labels import AV_ANCHORS, LABEL_SETS, estimate_va
+from ferengine.preprocess import to_model_input
 from trainers.data import DatasetError, load_dataset
 from trainers.data.ferplus import PROXY_WARNING
 from trainers.data.splits import load_data
@@ -123,3 +129,100 @@ def test_training_engine_sees_has_va(small):
     # a subset (--limit-train, --drop-copies-of) keeps the targets
     ds = load_dataset("ferplus", small, "train", va="anchors")
     np.testing.assert_array_equal(ds.subset([2, 0]).va.numpy(), ds.va.numpy()[[2, 0]])
+
+
+# ------------------------------------------------------------------------------ fer eval, estimated AV
+
+
+N_TRAIN, N_VALID, COPIES = 48, 40, 6
+
+
+@pytest.fixture(scope="module")
+def av_data(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """FER2013 csv + fer2013new.csv whose images are the conftest patterns (the trained fixtures' classes), random
+    vote distributions; the first COPIES PublicTest images are bit-identical copies of Training images."""
+    rng = np.random.default_rng(5)
+    train = patterns(N_TRAIN, 11).images.numpy()
+    valid = patterns(N_VALID, 12).images.numpy()
+    valid[:COPIES] = train[:COPIES]
+    rows = []
+    for usage, n in (("Training", N_TRAIN), ("PublicTest", N_VALID)):
+        for i in range(n):
+            votes = np.zeros(10, int)
+            votes[:8] = rng.multinomial(10, rng.dirichlet(np.full(8, 0.7)))
+            rows.append((usage, f"fer{len(rows):07d}.png", votes.tolist()))
+    d = tmp_path_factory.mktemp("avdata")
+    write_pair(d, rows, list(train) + list(valid))
+    votes = np.array([r[2] for r in rows[N_TRAIN:]], float)[:, :8]
+    target = np.array([estimate_va(v / v.sum(), LABEL_SETS["ferplus8"]) for v in votes])
+    return d, valid, target
+
+
+def _reg(t: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """RMSE, SAGR, PCC, CCC of one dimension, by hand."""
+    mt, mp = t.mean(), p.mean()
+    cov = ((t - mt) * (p - mp)).mean()
+    return {"rmse": float(np.sqrt(((t - p) ** 2).mean())), "sagr": float((np.sign(t) == np.sign(p)).mean()),
+            "pcc": float(cov / (t.std() * p.std())), "ccc": float(2 * cov / (t.var() + p.var() + (mt - mp) ** 2))}
+
+
+def _check_va(res: dict, prefix: str, t: np.ndarray, p: np.ndarray) -> None:
+    assert res[f"{prefix}va_n"] == len(t)
+    cccs = []
+    for j, dim in enumerate(("valence", "arousal")):
+        ref = _reg(t[:, j], p[:, j])
+        for k, v in ref.items():
+            assert res[f"{prefix}{dim}_{k}"] == pytest.approx(v, abs=1e-5), f"{prefix}{dim}_{k}"
+        cccs.append(ref["ccc"])
+    assert res[f"{prefix}mean_ccc"] == pytest.approx(np.mean(cccs), abs=1e-5)
+
+
+def _fer_eval(ckpt: Path, data: Path, tmp_path: Path, capsys) -> tuple[dict, str]:
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "-c", str(ckpt), "--data", "ferplus", "--data-dir", str(data), "--split", "valid",
+               "--data-opt", "va=anchors", "--data-opt", "mode=distribution", "--backend", "torch", "-q",
+               "--json", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    return json.loads(out.read_text()), cap.out
+
+
+def _outputs(ckpt: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    loaded = ck.load(ckpt)
+    with torch.no_grad():
+        out = loaded.model.eval()(torch.from_numpy(to_model_input(images, loaded.spec)))
+    res = {"probs": out["logits"].softmax(1).numpy(), "labels": list(loaded.info.labels)}
+    if "va" in out:
+        res["va"] = out["va"].numpy()
+    return res
+
+
+def test_fer_eval_scores_the_estimated_va_of_a_categorical_model(av_data, fastcnn_checkpoint, tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.setenv("FER_DESKTOP_CACHE", str(tmp_path / "cache"))
+    data, images, target = av_data
+    assert "valence_arousal" not in ck.load(fastcnn_checkpoint).info.heads
+    res, printed = _fer_eval(fastcnn_checkpoint, data, tmp_path, capsys)
+    out = _outputs(fastcnn_checkpoint, images)
+    # the app's estimate: estimate_va of each face's probabilities over the model's own 7 classes
+    est = np.array([estimate_va(p, out["labels"]) for p in out["probs"]])
+    assert est.std(0).min() > 0.05, "the fixture model's estimates must depend on its input"
+    assert res["va_source"] == "estimated" and res["copies_in_train"]["copies"] == COPIES
+    _check_va(res, "estimated_", target, est)
+    _check_va(res, "no_copy_estimated_", target[COPIES:], est[COPIES:])
+    assert "mean_ccc" not in res and "valence_rmse" not in res  # never reported as a head's values
+    assert "valence/arousal (estimated from class probabilities via category anchors)" in printed
+    assert f"{res['estimated_mean_ccc']:7.4f}" in printed and f"{res['no_copy_estimated_mean_ccc']:7.4f}" in printed
+
+
+def test_fer_eval_of_an_av_head_reports_the_head(av_data, fastcnn_av_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FER_DESKTOP_CACHE", str(tmp_path / "cache"))
+    data, images, target = av_data
+    res, printed = _fer_eval(fastcnn_av_checkpoint, data, tmp_path, capsys)
+    out = _outputs(fastcnn_av_checkpoint, images)
+    assert out["va"].std(0).min() > 0.05, "the fixture's AV head must depend on its input"
+    assert res["va_source"] == "head"
+    _check_va(res, "", target, out["va"])
+    _check_va(res, "no_copy_", target[COPIES:], out["va"][COPIES:])
+    assert not [k for k in res if "estimated" in k]
+    assert "estimated from class probabilities" not in printed and "valence/arousal, n = 40" in printed

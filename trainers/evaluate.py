@@ -11,7 +11,15 @@ Metrics (:func:`evaluate`): ``n``, the items scored (labelled, of a shared class
 (percent), ``confusion_matrix`` (rows true, columns predicted), ``per_class`` (precision, recall, F1 in
 percent, support), ``loss`` (cross-entropy; from the model's ``"probs"`` when it combines heads itself),
 ``accuracy_<name>`` for extra ``"logits_<name>"`` outputs; valence/arousal -- RMSE, SAGR, PCC, CCC per
-dimension and ``mean_ccc`` whenever the model outputs ``"va"`` and the data has targets.
+dimension and ``mean_ccc`` (``valence_rmse`` ... ``mean_ccc``, ``va_n``) whenever the model outputs ``"va"`` and
+the data has targets.
+
+Estimated valence/arousal: a checkpoint with no AV head, evaluated on data with valence/arousal targets, is
+scored on what the app and ``fer`` show for it (``av_source`` "estimated"): ``ferengine.labels.estimate_va`` of
+its class probabilities over all its own classes (the anchors ``ferengine.labels.AV_ANCHORS``). The same
+metrics come under ``estimated_`` keys (``estimated_valence_rmse`` ... ``estimated_mean_ccc``,
+``estimated_va_n``), and ``va_source`` says which kind a report holds (``"head"`` or ``"estimated"``). It is
+the baseline an AV model is compared with. A checkpoint with an AV head is scored on its head only.
 
 ``python -m trainers.evaluate`` and ``fer eval`` (plugged into the ``fer`` command by
 :mod:`trainers.fer_eval` through the ``fer.commands`` entry point) evaluate any checkpoint on any dataset
@@ -116,22 +124,29 @@ def _flatten(prefix: str, d: Any, out: dict[str, Any]) -> None:
 def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, label_names: Sequence[str], *,
              autocast: Callable[[], Any] = nullcontext, desc: str = "eval", match: LabelMatch | None = None,
              gather: Callable[[Any], list[Any]] | None = None, quiet: bool = False,
-             subsets: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+             subsets: dict[str, np.ndarray] | None = None,
+             estimate_labels: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``step`` over ``batches`` and compute the metrics (module doc). ``label_names``: the dataset's
     classes; ``match``: how the outputs' columns map onto them (None: the same classes in the same order).
     ``gather``: under torchrun, every process evaluates its share and the results are combined.
     ``subsets``: name -> bool mask over the dataset's items; each adds ``<name>_n``, ``<name>_accuracy``,
     ``<name>_mean_class_accuracy``, ``<name>_macro_f1`` (and ``<name>_mean_ccc``, ``<name>_va_n``) computed on
-    the masked items only (e.g. ``no_copy``: the items with no exact copy in the training data)."""
+    the masked items only (e.g. ``no_copy``: the items with no exact copy in the training data), and with
+    valence/arousal all of its metrics (``<name>_valence_rmse`` ... ``<name>_mean_ccc``, ``<name>_va_n``).
+    ``estimate_labels``: the model's own class names, in its output order; where the outputs hold no ``"va"``
+    and the batches have targets, valence/arousal is estimated from the class probabilities as the app does
+    (:func:`estimated_va`) and scored under ``estimated_`` keys (``<name>_estimated_`` for subsets)."""
     from tqdm import tqdm
 
     from trainers.losses.ce import masked_cross_entropy
-    from trainers.metrics import classification_report, regression_report
+    from trainers.metrics import classification_report
 
     names = list(label_names) if match is None else list(match.names)
     cols = None if match is None or match.identity else torch.as_tensor(match.cols, dtype=torch.int64)
     preds: dict[str, list[torch.Tensor]] = {}
     labels, index, va_p, va_t, va_i = [], [], [], [], []
+    est_p, est_t, est_i = [], [], []
+    anchors = None if estimate_labels is None else _anchors(estimate_labels)
     loss_sum, loss_n = torch.zeros((), dtype=torch.float64), 0
     for batch in tqdm(batches, desc=desc, leave=False, disable=True if quiet else None):
         with autocast():
@@ -162,18 +177,30 @@ def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, label
             va_p.append(out["va"].float().cpu())
             va_t.append(batch.va.float().cpu())
             va_i.append(batch.index.cpu())
+        elif anchors is not None and batch.va is not None and "va" not in out:
+            raw = out.get("probs")
+            p = raw.float() if raw is not None else out["logits"].float().softmax(1) if "logits" in out else None
+            if p is not None:
+                est_p.append(torch.from_numpy(estimated_va(p.cpu().numpy(), anchors)))
+                est_t.append(batch.va.float().cpu())
+                est_i.append(batch.index.cpu())
     if gather is not None:  # every process's share -> the whole split
         parts = gather({"preds": {k: torch.cat(v) for k, v in preds.items()},
                         "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64),
                         "index": torch.cat(index) if index else torch.zeros(0, dtype=torch.int64),
                         "va_p": torch.cat(va_p) if va_p else None, "va_t": torch.cat(va_t) if va_t else None,
-                        "va_i": torch.cat(va_i) if va_i else None, "loss_sum": loss_sum, "loss_n": loss_n})
+                        "va_i": torch.cat(va_i) if va_i else None, "loss_sum": loss_sum, "loss_n": loss_n,
+                        "est_p": torch.cat(est_p) if est_p else None, "est_t": torch.cat(est_t) if est_t else None,
+                        "est_i": torch.cat(est_i) if est_i else None})
         preds = {k: [p["preds"][k] for p in parts if k in p["preds"]] for k in parts[0]["preds"]}
         labels = [p["labels"] for p in parts]
         index = [p["index"] for p in parts]
         va_i = [p["va_i"] for p in parts if p["va_i"] is not None]
         va_p = [p["va_p"] for p in parts if p["va_p"] is not None]
         va_t = [p["va_t"] for p in parts if p["va_t"] is not None]
+        est_i = [p["est_i"] for p in parts if p["est_i"] is not None]
+        est_p = [p["est_p"] for p in parts if p["est_p"] is not None]
+        est_t = [p["est_t"] for p in parts if p["est_t"] is not None]
         loss_sum = sum((p["loss_sum"] for p in parts), torch.zeros((), dtype=torch.float64))
         loss_n = sum(p["loss_n"] for p in parts)
     metrics: dict[str, Any] = {"n": int(sum(len(x) for x in labels))}
@@ -198,22 +225,59 @@ def evaluate(step: Callable[[Any], dict[str, torch.Tensor]], batches: Any, label
     if va_p:
         vp, vt = torch.cat(va_p).numpy(), torch.cat(va_t).numpy()
         if np.isfinite(vt).all(1).any():
-            rep = regression_report(vt, vp)  # {"n", "valence": {rmse, sagr, pcc, ccc}, "arousal": {...}, "mean_ccc"}
-            rep["va_n"] = rep.pop("n")
-            flat: dict[str, Any] = {}
-            _flatten("", rep, flat)  # valence_rmse, ..., arousal_ccc, mean_ccc, va_n
-            metrics.update(flat)
+            metrics.update(_va_metrics("", vt, vp))
+    if est_p:
+        vp, vt = torch.cat(est_p).numpy(), torch.cat(est_t).numpy()
+        if np.isfinite(vt).all(1).any():
+            metrics.update(_va_metrics(ESTIMATED, vt, vp))
     for name, mask in (subsets or {}).items():
         metrics.update(_subset_metrics(name, np.asarray(mask, bool), torch.cat(index).numpy(), y,
                                        torch.cat(preds["logits"]).numpy() if "logits" in preds else None, names,
                                        (torch.cat(va_i).numpy(), torch.cat(va_p).numpy(), torch.cat(va_t).numpy())
-                                       if va_p else None))
+                                       if va_p else None,
+                                       (torch.cat(est_i).numpy(), torch.cat(est_p).numpy(), torch.cat(est_t).numpy())
+                                       if est_p else None))
     return metrics
 
 
+ESTIMATED = "estimated_"  # the key prefix of valence/arousal estimated from class probabilities
+VA_KEYS = tuple(f"{d}_{k}" for d in ("valence", "arousal") for k in ("rmse", "sagr", "pcc", "ccc")) + ("mean_ccc",)
+
+
+def _anchors(labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The anchors of a model's classes (``ferengine.labels.anchor_matrix``), None when none has one."""
+    from ferengine.labels import anchor_matrix
+
+    a, mask = anchor_matrix(list(labels))
+    return (a, mask) if mask.any() else None
+
+
+def estimated_va(probs: np.ndarray, anchors: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``(N, 2)`` float32 valence, arousal estimated from ``(N, K)`` class probabilities over the model's own
+    classes, as the app computes them (``ferengine.pipeline``, ``ferengine.labels.estimate_va``): the
+    probability-weighted mean of the anchored classes' anchors, the neutral point without anchored mass."""
+    a, mask = anchors
+    w = np.where(mask, np.clip(np.asarray(probs, np.float64), 0.0, None), 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    va = np.divide(w @ a, total, out=np.zeros((len(w), 2)), where=np.isfinite(total) & (total > 0))
+    return np.clip(va, -1.0, 1.0).astype(np.float32)
+
+
+def _va_metrics(prefix: str, vt: np.ndarray, vp: np.ndarray) -> dict[str, Any]:
+    """``<prefix>valence_rmse`` ... ``<prefix>arousal_ccc``, ``<prefix>mean_ccc``, ``<prefix>va_n``."""
+    from trainers.metrics import regression_report
+
+    rep = regression_report(vt, vp)  # {"n", "valence": {rmse, sagr, pcc, ccc}, "arousal": {...}, "mean_ccc"}
+    rep["va_n"] = rep.pop("n")
+    flat: dict[str, Any] = {}
+    _flatten("", rep, flat)  # valence_rmse, ..., arousal_ccc, mean_ccc, va_n
+    return {prefix + k: v for k, v in flat.items()}
+
+
 def _subset_metrics(name: str, mask: np.ndarray, idx: np.ndarray, y: np.ndarray, yp: np.ndarray | None,
-                    names: Sequence[str], va: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> dict[str, Any]:
-    from trainers.metrics import classification_report, regression_report
+                    names: Sequence[str], va: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                    est: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    from trainers.metrics import classification_report
 
     out: dict[str, Any] = {}
     sel = mask[idx]
@@ -226,11 +290,17 @@ def _subset_metrics(name: str, mask: np.ndarray, idx: np.ndarray, y: np.ndarray,
                 out[f"{name}_{k}"] = 100.0 * float(rep[k])
         else:
             out.update({f"{name}_{k}": float("nan") for k in PERCENT_METRICS})
-    if va is not None:
-        vi, vp, vt = va
+    for prefix, part in (("", va), (ESTIMATED, est)):
+        if part is None:
+            continue
+        vi, vp, vt = part
         s = mask[vi] & np.isfinite(vt).all(1)
-        out[f"{name}_va_n"] = int(s.sum())
-        out[f"{name}_mean_ccc"] = float(regression_report(vt[s], vp[s])["mean_ccc"]) if s.sum() > 1 else float("nan")
+        p = f"{name}_{prefix}"
+        if s.sum() > 1:
+            out.update(_va_metrics(p, vt[s], vp[s]))
+        else:
+            out.update({p + k: float("nan") for k in VA_KEYS})
+        out[f"{p}va_n"] = int(s.sum())
     return out
 
 
@@ -282,7 +352,33 @@ def format_report(metrics: dict[str, Any], labels: Sequence[str], title: str = "
         for d in ("valence", "arousal"):
             lines.append(f"{d:>10} " + " ".join(f"{metrics[f'{d}_{k}']:7.4f}" for k in ("rmse", "sagr", "pcc", "ccc")))
         lines.append(f"{'mean CCC':>10} {metrics['mean_ccc']:7.4f}")
+        lines += _no_copy_va_lines(metrics, "")
+    if f"{ESTIMATED}mean_ccc" in metrics:
+        lines += ["", ESTIMATED_HEADER + f", n = {metrics.get(ESTIMATED + 'va_n')}",
+                  f"{'':>10} {'RMSE':>7} {'SAGR':>7} {'PCC':>7} {'CCC':>7}"]
+        for d in ("valence", "arousal"):
+            lines.append(f"{d:>10} " + " ".join(f"{metrics[f'{ESTIMATED}{d}_{k}']:7.4f}"
+                                                for k in ("rmse", "sagr", "pcc", "ccc")))
+        lines.append(f"{'mean CCC':>10} {metrics[ESTIMATED + 'mean_ccc']:7.4f}")
+        lines += _no_copy_va_lines(metrics, ESTIMATED)
     return "\n".join(lines)
+
+
+ESTIMATED_HEADER = "valence/arousal (estimated from class probabilities via category anchors)"
+
+
+def _no_copy_va_lines(metrics: dict[str, Any], prefix: str) -> list[str]:
+    """The valence/arousal rows of the part of the split with no exact copy in the training data."""
+    p = f"{NO_COPY}_{prefix}"
+    if f"{p}va_n" not in metrics:
+        return []
+    train = (metrics.get("copies_in_train") or {}).get("train_split", "the training data")
+    lines = [f"no copy in {train}, n = {metrics[f'{p}va_n']}"]
+    for d in ("valence", "arousal"):
+        lines.append(f"{d:>10} " + " ".join(f"{metrics.get(f'{p}{d}_{k}', float('nan')):7.4f}"
+                                            for k in ("rmse", "sagr", "pcc", "ccc")))
+    lines.append(f"{'mean CCC':>10} {metrics.get(p + 'mean_ccc', float('nan')):7.4f}")
+    return lines
 
 
 # ======================================================================================= checkpoints
@@ -390,18 +486,27 @@ def evaluate_checkpoint(checkpoint: Any, data: str, data_dir: str | None, split:
     batches = make_batches(dataset, loaded.spec, dev, batch_size, workers=workers)
     from .engine.runtime import eval_autocast
 
+    # no AV head, AV targets, anchored classes: score the app's estimate (its "estimated" valence/arousal)
+    estimate = (has_expr and not info.has_av_head and getattr(dataset, "va", None) is not None
+                and _anchors(info.labels) is not None)
+    if estimate:
+        notes.append("the checkpoint has no valence/arousal head: its valence/arousal are estimated from its class "
+                     "probabilities via the category anchors (ferengine.labels.AV_ANCHORS), as the app shows them "
+                     "(estimated_* metrics)")
     t0 = time.perf_counter()
     try:
         metrics = evaluate(step, batches, data_labels, autocast=eval_autocast(dev, amp), match=match,
-                           desc=f"eval {data}/{split_name}", quiet=quiet, subsets=subsets)
+                           desc=f"eval {data}/{split_name}", quiet=quiet, subsets=subsets,
+                           estimate_labels=list(info.labels) if estimate else None)
     finally:
         if closer is not None:
             closer()
     dt = time.perf_counter() - t0
+    va_source = "head" if "mean_ccc" in metrics else "estimated" if f"{ESTIMATED}mean_ccc" in metrics else None
     return {"checkpoint": str(loaded.path), "data": data, "data_dir": str(data_dir) if data_dir else None,
             "split": split_name, "backend": be_name, "device": be_device, "dataset_size": full,
             "label_policy": LABEL_POLICY, "labels": list(match.names) if match else [], "notes": notes,
-            "role": role, "copies_in_train": copies_info,
+            "role": role, "copies_in_train": copies_info, "va_source": va_source,
             "dropped": dropped, "checkpoint_classes_not_in_dataset":
                 [n for n in info.labels if _canon(n) not in set(match.names)] if match else [],
             **metrics, "images_per_s": metrics.get("n", 0) / dt if dt > 0 else None}

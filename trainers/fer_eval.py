@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder holding the dataset (default: $FER_DATA_DIR, else ./data)")
     p.add_argument("--split", required=True, help="split to evaluate, e.g. publictest, privatetest, val, test")
     p.add_argument("--data-opt", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                   help="reader option, repeatable (e.g. mode=distribution for ferplus)")
+                   help="reader option, repeatable (e.g. mode=distribution for ferplus; va=anchors: ferplus's proxy "
+                        "valence/arousal targets, which also scores a model without an AV head on its estimate)")
     p.add_argument("--json", metavar="OUT", help="also write the metrics (percent) to this JSON file")
     p.add_argument("--confusion-png", metavar="PNG", help="also draw the confusion matrix to this PNG file")
     p.add_argument("--batch-size", type=_argtype("check_int", lo=1, name="--batch-size"), default=256,
