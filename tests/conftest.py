@@ -198,6 +198,41 @@ def write_fer2013(folder: Path, n_train: int = 160, n_val: int = 48, n_private: 
     return path
 
 
+def write_afew_va(folder: Path, n_clips: int = 12, frames: int = 16, seed: int = 0) -> Path:
+    """AFEW-VA in its real layout (``AFEW-VA/<clip>/<clip>.json`` + ``00000.png`` ...; valence/arousal in
+    [-10, 10] and 68 landmarks per frame) whose faces are learnable: each frame's face (the landmarks' box) is one
+    of 4 synthetic patterns, and its valence/arousal is that pattern's corner of the plane plus noise. Six actors,
+    so the reader's subject folds split them."""
+    import json
+
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    corners = np.array([[6.0, 5.0], [-6.0, 5.0], [-5.0, -5.0], [5.0, -6.0]])
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float64)
+    base = folder / "AFEW-VA"
+    for k in range(n_clips):
+        clip = f"{k + 1:03d}"
+        d = base / clip
+        d.mkdir(parents=True, exist_ok=True)
+        doc: dict = {"actor": f"actor{k % 6}", "video_id": clip, "frames": {}}
+        for f in range(frames):
+            c = int(rng.integers(0, 4))
+            ph, fr = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5)
+            p = [np.sin(fr * yy + ph), np.sin(fr * xx + ph), np.sign(np.sin(fr * xx + ph) * np.sin(fr * yy + ph)),
+                 2 * np.exp(-((xx - 32) ** 2 + (yy - 32) ** 2) / 120.0) - 1][c]
+            face = np.clip(128 + 70 * p + rng.normal(0, 15, (64, 64)), 0, 255).astype(np.uint8)
+            img = np.full((120, 160, 3), 40, np.uint8)
+            img[28:92, 48:112] = face[..., None]
+            fid = f"{f:05d}"
+            cv2.imwrite(str(d / f"{fid}.png"), img)
+            lm = [[52.0 + 56 * (i % 9) / 8, 32.0 + 56 * (i // 9) / 7] for i in range(68)]
+            v, a = np.clip(corners[c] + rng.normal(0, 1.0, 2), -10, 10)
+            doc["frames"][fid] = {"valence": round(float(v), 2), "arousal": round(float(a), 2), "landmarks": lm}
+        (d / f"{clip}.json").write_text(json.dumps(doc))
+    return base
+
+
 # ------------------------------------------------------------------------------- training-run helpers
 
 

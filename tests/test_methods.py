@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Kill, KillAt, deep_diff, write_fer2013
+from conftest import Kill, KillAt, deep_diff, write_afew_va, write_fer2013
 from ferengine import checkpoint as ck
 from ferengine.graph import InferenceModule
 from trainers.engine import Trainer, build_parser, parse_config
@@ -37,6 +37,7 @@ COMMON = ["--batch-size", "32", "--no-tensorboard", "--bench-batches", "0", "--w
 # the dataset fixtures a method's ``test_data`` may name: name -> writer(folder)
 FIXTURES = {
     "fer2013": lambda folder: write_fer2013(folder / "fer2013", n_train=192, n_val=64, n_private=16),
+    "afew-va": lambda folder: write_afew_va(folder),
 }
 
 
@@ -136,7 +137,8 @@ def test_best_checkpoint_is_inference_only_and_exports(name, runs, tmp_path, mon
     ds = load_dataset(cls.test_data, r["data"], split)
     from ferengine.preprocess import to_model_input
 
-    x = torch.from_numpy(to_model_input(ds.images[:16].numpy(), loaded.spec))
+    faces = ds.images[:16].numpy() if ds.images is not None else np.stack([ds[i]["image"].numpy() for i in range(16)])
+    x = torch.from_numpy(to_model_input(faces, loaded.spec))
     deployed = InferenceModule(model)
     outs = deployed(x)
     spread = max(float((o - o[:1]).detach().abs().max()) for o in outs)

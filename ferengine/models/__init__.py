@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ._registry import (ModelCfg, UnknownModelError, create_model, describe_model, list_models, model_cfg,
                         register_model, unregister_model)
+from . import avce as _avce  # noqa: F401  (registers)
 from . import clcl as _clcl  # noqa: F401  (registers)
 from . import daf as _daf  # noqa: F401  (registers)
 from . import fastcnn as _fastcnn  # noqa: F401  (registers)
