@@ -94,6 +94,39 @@ def train_checkpoint(path: Path, *, av_head: bool = False, seed: int = 0, epochs
     return path
 
 
+def av_only_checkpoint(src: Path, path: Path) -> Path:
+    """The trained two-head checkpoint ``src`` (:func:`train_checkpoint` with ``av_head=True``) as a model with
+    ONLY its valence/arousal head: the same trained body and AV head, the expression head dropped, saved with
+    :func:`ferengine.checkpoint.save` as ``heads == ["valence_arousal"]``, ``labels == []``. Its valence/arousal
+    output equals ``src``'s and depends on its input (checked here)."""
+    import dataclasses
+
+    import torch
+
+    from ferengine import checkpoint as ck
+    from ferengine.models import create_model
+    from ferengine.preprocess import to_model_input
+
+    both = ck.load(src)
+    assert both.info.heads == ["expression", "valence_arousal"]
+    kwargs = {**both.info.arch_kwargs, "num_classes": 0, "av_head": True}
+    model = create_model(both.info.arch, **kwargs).eval()
+    state = {k: v for k, v in both.model.state_dict().items() if not k.startswith("head.fc.")}
+    assert sorted(state) == sorted(model.state_dict()), "the AV-only model must take every weight but head.fc"
+    model.load_state_dict(state)
+    info = dataclasses.replace(both.info, arch_kwargs=kwargs, labels=[], heads=["valence_arousal"],
+                               name=f"{both.info.name} (AV only)")
+    ck.save(path, model, info)
+    loaded = ck.load(path)
+    assert loaded.info.heads == ["valence_arousal"] and loaded.info.labels == []
+    x = torch.from_numpy(to_model_input(patterns(16, 7).images.numpy(), loaded.spec))
+    with torch.no_grad():
+        out, ref = loaded.model(x), both.model(x)
+    assert "logits" not in out and torch.allclose(out["va"], ref["va"], atol=1e-6)
+    assert float((out["va"] - out["va"][:1]).abs().max()) > 0.2, "its valence/arousal must depend on its input"
+    return path
+
+
 def make_checkpoint(path: Path, *, av_head: bool = False, num_classes: int = 7, width: float = 0.25,
                     labels: tuple[str, ...] | None = None, seed: int = 0) -> Path:
     """A randomly initialised fastcnn written with :func:`ferengine.checkpoint.save` -- for tests of metadata,
@@ -140,6 +173,14 @@ def fastcnn_av_checkpoint(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FER_DESKTOP_CACHE", str(tmp_path_factory.mktemp("train-cache-av")))
         return train_checkpoint(tmp_path_factory.mktemp("ckpt_av") / "fastcnn_av.safetensors", av_head=True)
+
+
+@pytest.fixture(scope="session")
+def fastcnn_av_only_checkpoint(fastcnn_av_checkpoint, tmp_path_factory) -> Path:
+    """A model with only a valence/arousal head (no expression categories): the trained AV fixture's body and
+    AV head (input-dependent outputs, see :func:`av_only_checkpoint`)."""
+    return av_only_checkpoint(fastcnn_av_checkpoint,
+                              tmp_path_factory.mktemp("ckpt_av_only") / "fastcnn_av_only.safetensors")
 
 
 def synth_frame(i: int) -> np.ndarray:
