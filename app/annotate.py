@@ -10,7 +10,7 @@ import numpy as np
 from PySide6.QtCore import QPointF, QRectF, Qt
 from PySide6.QtGui import QColor, QFont, QFontMetricsF, QImage, QPainter, QPainterPath, QPen
 
-from ferengine.pipeline import FaceResult
+from ferengine.pipeline import AV_HEAD, FaceResult
 
 # Okabe-Ito (colour-blind safe), then a few more; a face keeps its colour by id.
 FACE_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
@@ -32,9 +32,12 @@ class AnnotationStyle:
 
 
 def face_caption(face: FaceResult) -> str:
-    """``#1 happy 87%`` (model) or ``#1 face 0.96`` (detection only)."""
+    """``#1 happy 87%`` (a model with expression categories), ``#1 V +0.42 A -0.10`` (a model with only a
+    valence/arousal head: its own values, no class) or ``#1 face 0.96`` (detection only)."""
     if face.label is not None and face.confidence is not None:
         return f"#{face.face_id} {face.label} {face.confidence * 100:.0f}%"
+    if face.av_source == AV_HEAD and math.isfinite(face.valence) and math.isfinite(face.arousal):
+        return f"#{face.face_id} V {face.valence:+.2f} A {face.arousal:+.2f}"
     return f"#{face.face_id} face {face.score:.2f}"
 
 

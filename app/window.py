@@ -36,6 +36,7 @@ from .worker import CaptureWorker, FramePacket, ModelBundle, ModelLoader, Source
 log = logging.getLogger("app.window")
 
 BACKEND_NAMES = {"auto": "Automatic", "torch": "PyTorch", "onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
+HEAD_NAMES = {"expression": "expression categories", "valence_arousal": "valence/arousal"}  # the model dialog
 DETECTORS = (("short", "Short range (faces near the camera)"), ("full", "Full range (small or distant faces)"))
 VIDEO_FILTER = "Videos (*.mp4 *.avi *.mov *.mkv *.webm *.m4v *.wmv *.mpg *.mpeg *.mjpeg);;All files (*)"
 CHECKPOINT_FILTER = "Checkpoints (*.safetensors *.pt *.pth);;All files (*)"
@@ -727,8 +728,8 @@ class MainWindow(QMainWindow):
                                       else "Loading the model…")
         elif face is None:
             self.prob_chart.set_probs(None, None, "No face in view")
-        elif face.probs is None:
-            self.prob_chart.set_probs(None, None, "This model has no expression head")
+        elif face.probs is None:  # a valence/arousal-only model: no categories, no bars (the chart says so)
+            self.prob_chart.set_probs(None, None, "Valence/arousal model")
         else:
             self.prob_chart.set_probs(face.probs, face)
         fid = face.face_id if face is not None and has_model else None
@@ -873,7 +874,7 @@ class MainWindow(QMainWindow):
             info = bundle.loaded.info
             labels = tuple(info.labels) if "expression" in info.heads else ()
             self.state.set_model(labels, True)
-            self.prob_chart.set_labels(labels)
+            self.prob_chart.set_labels(labels, av_only=not labels and info.has_av_head)
             self.statusBar().showMessage(f"Model {bundle.name} loaded in {bundle.load_s:.1f} s", 5000)
             from ferengine.checkpoint import crop_note
 
@@ -977,7 +978,9 @@ class MainWindow(QMainWindow):
             return
         info = self.bundle.loaded.info
         rows = [("File", str(self.bundle.path)), ("Name", info.name or "—"), ("Architecture", info.arch),
-                ("Heads", ", ".join(info.heads)), ("Classes", ", ".join(info.labels) or "—"),
+                ("Heads", ", ".join(HEAD_NAMES.get(h, h) for h in info.heads)),
+                ("Classes", ", ".join(info.labels) if "expression" in info.heads and info.labels
+                 else "none: this model predicts valence/arousal only"),
                 ("Input", f"{info.input.size}×{info.input.size}, {info.input.channels} channel(s)"),
                 ("Training", str(info.training.get("command", "—"))),
                 ("Metrics", ", ".join(f"{k} {v}" for k, v in info.metrics.items()) or "—")]
@@ -1116,8 +1119,11 @@ class MainWindow(QMainWindow):
             return
         from ferengine.checkpoint import crop_note
 
-        note = crop_note(self.bundle.loaded.info)
-        self.sb_model.setText(f"model: {self.bundle.name}" + (" · crop not calibrated" if note else ""))
+        info = self.bundle.loaded.info
+        note = crop_note(info)
+        av_only = "expression" not in info.heads
+        self.sb_model.setText(f"model: {self.bundle.name}" + (" · valence/arousal only" if av_only else "")
+                              + (" · crop not calibrated" if note else ""))
         self.sb_model.setToolTip(note or "")
 
     def reset_layout(self) -> None:

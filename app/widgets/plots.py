@@ -84,6 +84,9 @@ def _face_tag(face: FaceResult) -> str:
 
 # ------------------------------------------------------------------------------ probabilities
 
+NO_MODEL_TEXT = "No model loaded:\nfaces are detected, expressions are not analysed"
+AV_ONLY_TEXT = "This model predicts valence/arousal only;\nit has no expression categories"
+
 
 class ProbabilityChart(_Panel):
     """Horizontal bars, one per class (names on the left axis, first class on top), 0-100 %."""
@@ -91,6 +94,7 @@ class ProbabilityChart(_Panel):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.labels: tuple[str, ...] = ()
+        self.av_only = False  # the model has a valence/arousal head and no expression categories
         self.values = np.zeros(0)
         self._brush_cache: dict[int, tuple] = {}
         self.update_count = 0
@@ -105,6 +109,11 @@ class ProbabilityChart(_Panel):
         self.set_caption(f'<span style="color:{MUTED}">No face yet</span>')
         self.show_placeholder("No model loaded")
 
+    @property
+    def message(self) -> str:
+        """The centred text shown instead of the bars ("" while the bars are shown)."""
+        return self.placeholder.text() if self.body.currentWidget() is self.placeholder else ""
+
     def _brushes(self, base: QColor) -> tuple:
         pair = self._brush_cache.get(base.rgb())
         if pair is None:
@@ -113,9 +122,12 @@ class ProbabilityChart(_Panel):
             pair = self._brush_cache[base.rgb()] = (pg.mkBrush(base), pg.mkBrush(dim))
         return pair
 
-    def set_labels(self, labels: Sequence[str]) -> None:
+    def set_labels(self, labels: Sequence[str], av_only: bool = False) -> None:
+        """The model's class names; ``()`` with ``av_only=True``: a model with only a valence/arousal head
+        (the chart says so and shows no bars), ``()`` otherwise: no model."""
         labels = tuple(labels)
-        self.show_placeholder(None if labels else "No model loaded:\nfaces are detected, expressions are not analysed")
+        self.av_only = bool(av_only) and not labels
+        self.show_placeholder(None if labels else AV_ONLY_TEXT if self.av_only else NO_MODEL_TEXT)
         if labels == self.labels:
             return
         self.labels = labels
@@ -159,7 +171,7 @@ class ProbabilityChart(_Panel):
                 t.setAnchor((0, 0.5))
                 t.setColor(fg)
                 t.setPos(v + 0.01, ys[i])
-        if face is not None and probs is not None:
+        if face is not None and probs is not None and k and face.label is not None and face.confidence is not None:
             self.set_caption(f"{_face_tag(face)} · <b>{face.label}</b> {face.confidence * 100:.0f}%"
                              f"{' · ' + note if note else ''}")
         elif note:
