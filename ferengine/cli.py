@@ -156,11 +156,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
+AV_SHORT = {"head": "head", "estimated": "est."}  # the table's ``av`` column: where valence/arousal came from
+
+
 def _print_table(results: list[dict], labels: Sequence[str]) -> None:
+    """One line per face: box, label and its probability (``-`` for a model without expression categories),
+    valence, arousal, ``av`` (``head``: the model's own AV head, ``est.``: estimated from the categories), then
+    one column per class."""
     short = [lab[:8] for lab in labels]
-    header = f"{'file':<28} {'id':>3} {'box (x,y,w,h)':<21} {'label':<9} {'conf':>5} {'val':>6} {'aro':>6}  " + " ".join(
-        f"{s:>8}" for s in short)
-    print(header)
+    header = (f"{'file':<28} {'id':>3} {'box (x,y,w,h)':<21} {'label':<9} {'conf':>5} {'val':>6} {'aro':>6} "
+              f"{'av':<4}  " + " ".join(f"{s:>8}" for s in short))
+    print(header.rstrip())
     for r in results:
         name = Path(r["file"]).name[:28]
         if r.get("error"):
@@ -174,8 +180,9 @@ def _print_table(results: list[dict], labels: Sequence[str]) -> None:
             probs = " ".join(f"{face[lab]:8.3f}" for lab in labels if lab in face)
             label = face["label"] or "-"
             conf = f"{face['confidence']:5.2f}" if face["confidence"] is not None else "    -"
+            av = AV_SHORT.get(face["av_source"], face["av_source"])
             print(f"{name:<28} {face['face_id']:>3} {box:<21} {label:<9} {conf} "
-                  f"{face['valence']:6.2f} {face['arousal']:6.2f}  {probs}")
+                  f"{face['valence']:6.2f} {face['arousal']:6.2f} {av:<4}  {probs}".rstrip())
 
 
 def cmd_analyze(args) -> int:

@@ -138,3 +138,79 @@ FER_SCRIPT = Path(sys.executable).parent / "fer"
 def test_console_script_is_installed():
     out = subprocess.run([str(FER_SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "predict" in out.stdout and "analyze" in out.stdout
+
+
+# ------------------------------------------------------------------- a model with only a valence/arousal head
+
+
+def _head_va(checkpoint: Path, image: np.ndarray) -> np.ndarray:
+    """The model's own valence/arousal on each face of ``image`` (largest first), computed here: detector ->
+    crop -> input -> the checkpoint's torch module."""
+    import torch
+
+    from ferengine.checkpoint import load
+    from ferengine.faces import FaceDetector
+    from ferengine.preprocess import crop_faces, to_model_input
+
+    loaded = load(checkpoint)
+    with FaceDetector("short") as det:
+        faces = det.detect(image)
+    assert faces, "no face found"
+    crops = crop_faces(image, [f.box for f in faces], [f.keypoints for f in faces], loaded.spec)
+    with torch.no_grad():
+        return loaded.model(torch.from_numpy(to_model_input(crops, loaded.spec)))["va"].numpy()
+
+
+def test_predict_with_an_av_only_model(astronaut_png, fastcnn_av_only_checkpoint, fastcnn_av_checkpoint, capsys):
+    """JSON: no classes, no label, the head's valence/arousal (``av_source`` "head"), equal to the model's output
+    on that face; the two-head model it came from gives the same values AND its class probabilities."""
+    assert main(["predict", str(astronaut_png), "-c", str(fastcnn_av_only_checkpoint), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["labels"] == []
+    (face,) = out["images"][0]["faces"]
+    assert set(face) == {"frame", "time_s", "face_id", "x", "y", "w", "h", "score", "label", "valence", "arousal",
+                         "av_source", "confidence", "keypoints"}  # no class keys, no made-up probabilities
+    assert face["label"] is None and face["confidence"] is None and face["av_source"] == "head"
+    want = _head_va(fastcnn_av_only_checkpoint, cv2.imread(str(astronaut_png)))[0]
+    assert (face["valence"], face["arousal"]) == pytest.approx(tuple(want), abs=1e-4)
+
+    assert main(["predict", str(astronaut_png), "-c", str(fastcnn_av_checkpoint), "--json"]) == 0
+    (both,) = json.loads(capsys.readouterr().out)["images"][0]["faces"]
+    assert both["av_source"] == "head" and both["label"] in LABELS
+    assert sum(both[lab] for lab in LABELS) == pytest.approx(1.0, abs=1e-3)
+    assert (both["valence"], both["arousal"]) == pytest.approx((face["valence"], face["arousal"]), abs=1e-4)
+
+    # the table: no class columns, "-" for label and confidence, where the values came from
+    assert main(["predict", str(astronaut_png), "-c", str(fastcnn_av_only_checkpoint)]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[-3:] == ["val", "aro", "av"] and not any(lab in header for lab in LABELS)
+    cells = row.split()
+    assert cells[0] == "astronaut.png" and cells[3:5] == ["-", "-"] and cells[-1] == "head"
+    assert float(cells[5]) == pytest.approx(face["valence"], abs=0.006)
+    assert float(cells[6]) == pytest.approx(face["arousal"], abs=0.006)
+    assert main(["predict", str(astronaut_png), "-c", str(fastcnn_av_checkpoint)]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split()[-8:] == ["av", *[lab[:8] for lab in LABELS]] and row.split()[7] == "head"
+
+
+def test_analyze_with_an_av_only_model(media_dir, fastcnn_av_only_checkpoint, tmp_path):
+    """The CSV of an AV-only model: no class columns, an empty label, the head's values frame by frame."""
+    pd = pytest.importorskip("pandas")
+    from ferengine.sources import open_source
+
+    video = media_dir / "videos" / "pyfeat_single_face.mp4"
+    out = tmp_path / "av.csv"
+    n = 8
+    assert main(["analyze", str(video), "-c", str(fastcnn_av_only_checkpoint), "--out", str(out), "-q",
+                 "--max-frames", str(n), "--smoothing", "0", "--backend", "torch"]) == 0
+    assert out.read_text().splitlines()[0] == ("frame,time_s,face_id,x,y,w,h,score,label,"
+                                               "valence,arousal,av_source")
+    df = pd.read_csv(out, keep_default_na=False)
+    assert df["frame"].tolist() == list(range(n)) and (df["label"] == "").all()
+    assert (df["av_source"] == "head").all()
+    with open_source(str(video)) as src:
+        frames = [f.image for _, f in zip(range(n), src)]
+    want = np.stack([_head_va(fastcnn_av_only_checkpoint, img)[0] for img in frames])
+    got = df[["valence", "arousal"]].to_numpy(float)
+    assert np.allclose(got, want, atol=1e-4), np.abs(got - want).max()
+    assert np.ptp(want, axis=0).max() > 1e-3, "the head's output should change over the frames of a real video"
