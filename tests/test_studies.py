@@ -65,3 +65,14 @@ def test_ecan_terms_measures_both_reductions_on_real_batches(tmp_path, monkeypat
     # MVA: N times the mean, times a larger alpha (eq. 9's variance of summed group losses grows with N^2)
     assert r["mva_sum"]["value"] / r["mva_mean"]["value"] > 32 - 1e-3
     assert all(v["grad_norm"] > 0 and v["batches"] == 2 for v in r.values())
+
+
+def test_avce_sparsemax_study_runs_and_writes_json(tmp_path, capsys):
+    from trainers.studies import avce_sparsemax
+
+    out = tmp_path / "s.json"
+    assert avce_sparsemax.main(["--batch", "8", "--dim", "5", "--repeats", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["batch"], r["dim"], r["paper_cvxpy_s"]) == (8, 5, 1.3)
+    assert r["sparsemax_forward_ms"] > 0 and 1 <= r["mean_support"] <= 5
+    assert "1.3 s per mini-batch" in capsys.readouterr().out
