@@ -108,3 +108,18 @@ def test_drop_copies_of_removes_them_from_training(data, tmp_path):
     t = ck.read_info(out / "best.safetensors").training
     assert t["dropped_copies_of"] == {"splits": ["publictest"], "items": COPIES}
     assert t["copies_in_train"]["publictest"]["copies"] == 0
+
+
+def test_role_knows_ferplus_relabels_fer2013_faces():
+    """FER+ valid is FER2013 PublicTest under other labels: a model selected on one was selected on the other."""
+    from types import SimpleNamespace
+
+    from trainers.evaluate import _role
+
+    info = SimpleNamespace(training={"data": {"name": "fer2013", "train_split": "Training", "val_split": "PublicTest"}})
+    assert _role(info, "ferplus", "valid").startswith("validation (selection): the model's epoch was chosen on "
+                                                       "fer2013/PublicTest")
+    assert _role(info, "fer2013", "publictest") == "validation (selection): this split chose the model's epoch"
+    assert _role(info, "ferplus", "train") == "training data"
+    assert _role(info, "ferplus", "test").startswith("held out")
+    assert _role(info, "rafdb", "test").startswith("held out")

@@ -521,21 +521,39 @@ def _is_train_split(data: str, split: str) -> bool:
         return False
 
 
-def _role(info: Any, data: str, split: str) -> str:
-    """``validation (selection)`` when the checkpoint's training run selected its epoch on this split."""
-    t = (info.training or {}).get("data") or {}
-    if not t:
-        return "unknown (the checkpoint does not record its training data)"
+# FER+ relabels FER2013's images: its splits are the same faces as FER2013's (train = Training, valid = PublicTest,
+# test = PrivateTest), so a model selected on one is selected on the other
+_SAME_IMAGES = {("fer2013", "train"): "fer2013/Training", ("ferplus", "train"): "fer2013/Training",
+                ("fer2013", "publictest"): "fer2013/PublicTest", ("ferplus", "valid"): "fer2013/PublicTest",
+                ("fer2013", "privatetest"): "fer2013/PrivateTest", ("ferplus", "test"): "fer2013/PrivateTest"}
+
+
+def _faces_of(data: str, split: str | None) -> tuple[str, str]:
+    """The faces a (dataset, split) holds: FER2013 and FER+ splits map to the FER2013 split of their images."""
     try:
         from .data import canonical_name, canonical_split
 
-        same = canonical_name(t.get("name") or "") == canonical_name(data) and t.get("val_split") and \
-            canonical_split(data, t["val_split"]) == split
+        name = canonical_name(data or "")
+        split = canonical_split(name, split) if split else ""
     except Exception:  # noqa: BLE001 - names the readers do not know
-        same = t.get("name") == data and t.get("val_split") == split
-    if same:
-        return "validation (selection): this split chose the model's epoch"
-    if t.get("train_split") and t.get("name") == data and t.get("train_split") == split:
+        name, split = data or "", split or ""
+    key = _SAME_IMAGES.get((name, split))
+    return ("images", key) if key else (name, split)
+
+
+def _role(info: Any, data: str, split: str) -> str:
+    """``validation (selection)`` when the checkpoint's training run selected its epoch on this split (or on the
+    same faces under another dataset's labels: FER2013 PublicTest and FER+ valid)."""
+    t = (info.training or {}).get("data") or {}
+    if not t:
+        return "unknown (the checkpoint does not record its training data)"
+    here = _faces_of(data, split)
+    if t.get("val_split") and _faces_of(t.get("name") or "", t["val_split"]) == here:
+        same_set = _faces_of(t.get("name") or "", None)[0] == _faces_of(data, None)[0]
+        return ("validation (selection): this split chose the model's epoch" if same_set else
+                f"validation (selection): the model's epoch was chosen on {t.get('name')}/{t['val_split']}, the "
+                "same faces")
+    if t.get("train_split") and _faces_of(t.get("name") or "", t["train_split"]) == here:
         return "training data"
     return "held out: not used to train or select the model"
 
