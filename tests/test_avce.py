@@ -329,3 +329,22 @@ def test_clear_errors(afew, tmp_path, monkeypatch):
         Trainer(cfg, cls, argv=["pytest"])
     with pytest.raises(TrainError, match="--stem is a ResNet-18 setting"):
         cls(parse_config(cls, ["--stem", "small"]))
+
+
+@pytest.mark.parametrize("data", ["affectnet", "affwild2"])
+def test_end_to_end_on_the_other_readers_formats(data, tmp_path, monkeypatch):
+    """AffectNet (its csv lists, the va task by default) and Aff-Wild2 (per-video VA text files): a run, its
+    checkpoint and --eval-only, on fixtures in the readers' exact on-disk formats."""
+    from test_data_affectnet import write_affectnet
+    from test_data_affwild2 import write_affwild2
+
+    monkeypatch.setenv("FER_DESKTOP_CACHE", str(tmp_path / "cache"))
+    (write_affectnet if data == "affectnet" else write_affwild2)(tmp_path / "data")
+    args = ["--data", data, "--data-dir", str(tmp_path / "data"), *COMMON, "--iterations", "2"]
+    assert run("avce", [*args, "--out", str(tmp_path / "run")]) == 0
+    info = ck.read_info(tmp_path / "run" / "best.safetensors")
+    assert list(info.heads) == ["valence_arousal"] and info.training["data"]["name"] == data
+    assert run("avce", [*args, "--eval-only", str(tmp_path / "run" / "best.safetensors"), "--out",
+                        str(tmp_path / "ev")]) == 0
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert res["va_n"] == (3 if data == "affectnet" else 2) and np.isfinite(res["valence_rmse"])
