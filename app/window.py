@@ -983,7 +983,7 @@ class MainWindow(QMainWindow):
                  else "none: this model predicts valence/arousal only"),
                 ("Input", f"{info.input.size}×{info.input.size}, {info.input.channels} channel(s)"),
                 ("Training", str(info.training.get("command", "—"))),
-                ("Metrics", ", ".join(f"{k} {v}" for k, v in info.metrics.items()) or "—")]
+                ("Metrics", _metrics_text(info.metrics))]
         html = "<table>" + "".join(f"<tr><td><b>{k}</b>&nbsp;&nbsp;</td><td>{_esc(v)}</td></tr>" for k, v in rows) \
             + "</table>"
         QMessageBox.information(self, "Model details", html)
@@ -1187,6 +1187,15 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:
         self.shutdown()
         event.accept()
+
+
+def _metrics_text(metrics: dict) -> str:
+    """The model dialog's metrics: the numbers, 4 significant digits; tables (a confusion matrix, per-class
+    scores) are left to ``fer info``, which prints them all."""
+    nums = [f"{k} {v:.4g}" for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    more = len(metrics) - len(nums)
+    return ", ".join(nums + ([f"(+{more} tables: fer info)"] if more else [])) or "—"
 
 
 def _esc(text: str) -> str:

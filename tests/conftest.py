@@ -115,7 +115,8 @@ def av_only_checkpoint(src: Path, path: Path) -> Path:
     assert sorted(state) == sorted(model.state_dict()), "the AV-only model must take every weight but head.fc"
     model.load_state_dict(state)
     info = dataclasses.replace(both.info, arch_kwargs=kwargs, labels=[], heads=["valence_arousal"],
-                               name=f"{both.info.name} (AV only)")
+                               name=f"{both.info.name} (AV only)",  # the classification metrics are not its own
+                               metrics={k: v for k, v in both.info.metrics.items() if "valence" in k or "arousal" in k})
     ck.save(path, model, info)
     loaded = ck.load(path)
     assert loaded.info.heads == ["valence_arousal"] and loaded.info.labels == []

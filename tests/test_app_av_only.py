@@ -259,3 +259,12 @@ def test_switching_between_categorical_av_only_and_two_head_models(qtbot, make_w
     switch_model(qtbot, win, fastcnn_av_only_checkpoint)
     assert_av_only(win)
     no_problems(win)
+
+
+def test_model_dialog_metrics_are_numbers_not_table_dumps():
+    from app.window import _metrics_text
+
+    text = _metrics_text({"val_accuracy": 71.234567, "val_confusion_matrix": [[1, 2], [3, 4]],
+                          "val_per_class": {"happy": {"f1": 0.9}}, "val_valence_ccc": 0.123456, "epoch": 2})
+    assert text == "val_accuracy 71.23, val_valence_ccc 0.1235, epoch 2, (+2 tables: fer info)"
+    assert _metrics_text({}) == "—"
