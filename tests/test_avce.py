@@ -348,3 +348,78 @@ def test_end_to_end_on_the_other_readers_formats(data, tmp_path, monkeypatch):
                         str(tmp_path / "ev")]) == 0
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert res["va_n"] == (3 if data == "affectnet" else 2) and np.isfinite(res["valence_rmse"])
+
+
+def test_release_card_of_an_av_only_model(trained, afew, tmp_path, monkeypatch, capsys):
+    """trainers.release on an AVCE checkpoint: the AV table (whole split and no-copy part), no classes, no
+    confusion matrix; the reader options default to the training run's; a failed release leaves --out alone."""
+    import dataclasses
+
+    from trainers.release import main as release_main
+
+    monkeypatch.setenv("FER_DESKTOP_CACHE", str(afew / "cache"))
+    loaded = ck.load(trained / "best.safetensors")
+    t = dict(loaded.info.training)
+    t["data"] = dict(t["data"], options={"fold": 1})      # as if trained with --data-opt fold=1
+    src = tmp_path / "src.safetensors"
+    ck.save(src, loaded.model, dataclasses.replace(loaded.info, training=t))
+    out = tmp_path / "rel" / "avce.safetensors"
+    out.parent.mkdir()
+    assert release_main([str(src), "--out", str(out), "--name", "AVCE test", "--data", "afew-va", "--data-dir",
+                         str(afew / "data"), "--split", "test", "--repeat", "2"]) == 0
+    capsys.readouterr()
+    ev = json.loads((tmp_path / "rel" / "avce.eval.json").read_text())
+    assert ev["data_opts"] == {"fold": 1} and "confusion_matrix" not in ev
+    from trainers.data import load_dataset
+
+    assert ev["va_n"] == len(load_dataset("afew-va", afew / "data", "test", fold=1))
+    card = (tmp_path / "rel" / "avce.md").read_text()
+    assert "none: this model predicts valence and arousal only" in card
+    assert "| afew-va test, whole split |" in card and f"**{ev['mean_ccc']:.4f}**" in card
+    assert "Confusion matrix" not in card and "--data-opt fold=1" in card
+    assert not (tmp_path / "rel" / "avce.confusion.png").exists()
+    assert ck.read_info(out).metrics["afew-va_test_mean_ccc"] == pytest.approx(ev["mean_ccc"])
+    # a release that fails (no such dataset there) leaves the shipped file as it was, and no temporary file
+    before = out.read_bytes()
+    assert release_main([str(src), "--out", str(out), "--name", "x", "--data", "fer2013", "--data-dir",
+                         str(tmp_path / "nothing"), "--split", "publictest", "--repeat", "2"]) != 0
+    assert "release: error:" in capsys.readouterr().err
+    assert out.read_bytes() == before and sorted(p.name for p in out.parent.iterdir()) == [
+        "avce.eval.json", "avce.md", "avce.safetensors"]
+
+
+def test_the_proxy_task_says_so_in_the_log_and_the_checkpoint(tmp_path, monkeypatch):
+    """--data ferplus (the row's va=anchors): FER+ faces with valence/arousal targets from their votes; the run's
+    log, the checkpoint's notes (the model card prints them) name it a proxy task, and the checkpoint claims no
+    classes although the data has FER+'s eight."""
+    from test_av_proxy import ROWS, write_pair
+
+    from trainers.methods.avce import PROXY_NOTE
+
+    monkeypatch.setenv("FER_DESKTOP_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(96):
+        votes = [0] * 10
+        for _ in range(10):
+            votes[int(rng.integers(0, 8))] += 1
+        rows.append(("Training" if i < 64 else "PublicTest", f"fer{i:07d}.png", votes, None, 0))
+    write_pair(tmp_path / "data", rows, [rng.integers(0, 256, (48, 48), dtype=np.uint8) for _ in rows])
+    assert ROWS  # the writer's own fixture rows are the reader tests'
+    out = tmp_path / "run"
+    assert run("avce", ["--data", "ferplus", "--data-dir", str(tmp_path / "data"), "--out", str(out), *COMMON,
+                        "--backbone", "resnet18", "--input-size", "32", "--iterations", "2",
+                        "--data-opt", "mode=distribution"]) == 0
+    assert "PROXY TASK" in (out / "train.log").read_text()
+    info = ck.read_info(out / "best.safetensors")
+    assert info.training["data"]["options"] == {"va": "anchors", "mode": "distribution"}
+    assert info.training["notes"][0] == PROXY_NOTE and list(info.labels) == [] and list(info.heads) == [
+        "valence_arousal"]
+
+
+def test_data_opts_add_to_the_rows():
+    cls = get_method("avce")
+    assert parse_config(cls, ["--data", "ferplus"]).data_opts == {"va": "anchors"}
+    assert parse_config(cls, ["--data", "ferplus", "--data-opt", "mode=distribution"]).data_opts == {
+        "va": "anchors", "mode": "distribution"}
+    assert parse_config(cls, ["--data", "ferplus", "--data-opt", "va=none"]).data_opts == {"va": "none"}

@@ -10,10 +10,16 @@ Steps, each on the file that ships (so the card describes exactly that file):
    faces were already crops) — written atomically;
 2. the evaluation of the shipped file on ``--data/--split`` (``trainers.evaluate``, what ``fer eval`` runs)
    through ONNX Runtime (the app's CPU backend):
-   accuracy, mean class accuracy, macro-F1, confusion matrix (also as PNG beside the card);
+   accuracy, mean class accuracy, macro-F1, confusion matrix (also as PNG beside the card) for an expression
+   head; RMSE, SAGR, PCC and CCC of valence and arousal for a valence/arousal head (or the app's estimate from a
+   categorical model, when the data has AV targets); the reader options (``--data-opt``) default to the
+   training run's own when ``--data`` is its dataset (FER+'s ``va=anchors`` proxy targets, for example);
 3. latency: ONNX Runtime and PyTorch ms per face at batch 1 (median of ``--repeat``) on this machine;
 4. the model card (Markdown): data, the exact training command(s) (from the checkpoint), selection
    protocol, metrics, confusion matrix, latency, crop calibration, intended use and limitations.
+
+The shipped file appears at ``--out`` only when every step has succeeded (it is built beside it under a
+temporary name): a failed release leaves ``--out`` as it was.
 """
 from __future__ import annotations
 
@@ -55,7 +61,8 @@ def _latency_ms(run, x: np.ndarray, repeat: int) -> float:
 
 
 def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | None, data: str,
-            data_dir: str | None, split: str, repeat: int, notes: Path | None = None) -> dict[str, Any]:
+            data_dir: str | None, split: str, repeat: int, notes: Path | None = None,
+            data_opts: dict[str, Any] | None = None) -> dict[str, Any]:
     from ferengine import checkpoint as ck
     from ferengine.backends import create_backend
     from ferengine.preprocess import to_model_input
@@ -91,11 +98,45 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
     if notes is not None:
         training["release_notes"] = Path(notes).read_text(encoding="utf-8").strip()
     info = dataclasses.replace(info, name=name, input=spec, training=training)
+    if data_opts is None:  # the training run's reader options when evaluating on its dataset
+        tdata = training.get("data") or {}
+        data_opts = dict(tdata.get("options") or {}) if _same_dataset(tdata.get("name"), data) else {}
+    final = out
+    out = out.parent / f".{out.name.split('.')[0]}.releasing.safetensors"
+    try:
+        result = _release_steps(loaded, info, out, final, half=half, data=data, data_dir=data_dir, split=split,
+                                data_opts=data_opts, repeat=repeat, name=name)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    os.replace(out, final)
+    result["checkpoint"] = str(final)
+    card = Path(result["card"])
+    atomic_write_text(card, model_card(ck.load(final), result))
+    return result
+
+
+def _same_dataset(a: str | None, b: str) -> bool:
+    try:
+        from trainers.data import canonical_name
+
+        return bool(a) and canonical_name(a) == canonical_name(b)
+    except Exception:  # noqa: BLE001 - a name the readers do not know
+        return a == b
+
+
+def _release_steps(loaded, info, out: Path, final: Path, *, half: bool, data: str, data_dir: str | None, split: str,
+                   data_opts: dict[str, Any], repeat: int, name: str) -> dict[str, Any]:
+    from ferengine import checkpoint as ck
+    from ferengine.backends import create_backend
+    from ferengine.preprocess import to_model_input
+
+    spec = info.input
     ck.save(out, loaded.model, info, half=half)
 
     # evaluate the file that ships, as a user would
-    card_dir = out.parent
-    stem = out.name.split(".")[0]
+    card_dir = final.parent
+    stem = final.name.split(".")[0]
     eval_json = card_dir / f"{stem}.eval.json"
     cm_png = card_dir / f"{stem}.confusion.png"
     from ferengine.fileio import atomic_write_json
@@ -104,17 +145,25 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
     from trainers.metrics import save_confusion_png
 
     metrics = _json_safe(evaluate_checkpoint(out, data, data_dir, split, backend="onnxruntime", device="cpu",
-                                             quiet=True))
+                                             quiet=True, data_opts=data_opts))
+    metrics["data_opts"] = dict(data_opts)
     atomic_write_json(eval_json, metrics)
-    save_confusion_png(np.asarray(metrics["confusion_matrix"]), metrics["labels"], cm_png,
-                       title=f"{name} on {data}/{metrics['split']}")
+    if "confusion_matrix" in metrics:
+        save_confusion_png(np.asarray(metrics["confusion_matrix"]), metrics["labels"], cm_png,
+                           title=f"{name} on {data}/{metrics['split']}")
+    else:
+        cm_png = None
 
     # store the metrics in the shipped checkpoint too (weights unchanged)
     shipped = ck.load(out)
     key = f"{data}_{split}"
     new_metrics = dict(shipped.info.metrics) | {
         f"{key}_{k}": metrics[k] for k in ("accuracy", "mean_class_accuracy", "macro_f1", "n", "no_copy_accuracy",
-                                           "no_copy_mean_class_accuracy", "no_copy_macro_f1", "no_copy_n")
+                                           "no_copy_mean_class_accuracy", "no_copy_macro_f1", "no_copy_n",
+                                           *(f"{p}{w}{d}_{m}" for p in ("", "no_copy_") for w in ("", "estimated_")
+                                             for d in ("valence", "arousal") for m in ("rmse", "sagr", "pcc", "ccc")),
+                                           *(f"{p}{w}{k}" for p in ("", "no_copy_") for w in ("", "estimated_")
+                                             for k in ("mean_ccc", "va_n")))
         if k in metrics}
     ck.save(out, shipped.model, dataclasses.replace(shipped.info, metrics=new_metrics), half=half)
     shipped = ck.load(out)
@@ -127,10 +176,8 @@ def release(src: Path, out: Path, *, name: str, half: bool, calibration: Path | 
     n_params = sum(p.numel() for p in shipped.model.parameters())
     result = {"checkpoint": str(out), "size_bytes": out.stat().st_size, "params": n_params, "metrics": metrics,
               "stored_dtypes": stored_dtypes(out),
-              "latency_ms_per_face_batch1": latency, "eval_json": str(eval_json), "confusion_png": str(cm_png)}
-    card = card_dir / f"{stem}.md"
-    atomic_write_text(card, model_card(shipped, result))
-    result["card"] = str(card)
+              "latency_ms_per_face_batch1": latency, "eval_json": str(eval_json),
+              "confusion_png": None if cm_png is None else str(cm_png), "card": str(card_dir / f"{stem}.md")}
     return result
 
 
@@ -194,12 +241,12 @@ def model_card(loaded, r: dict[str, Any]) -> str:
     info = loaded.info
     t = info.training
     m = r["metrics"]
-    labels = m["labels"]
-    cm = m["confusion_matrix"]
+    labels = m.get("labels") or []
+    cm = m.get("confusion_matrix")
     commands = _command_history(t)
     cm_rows = ["| true \\ predicted | " + " | ".join(labels) + " | recall |",
                "|---" * (len(labels) + 2) + "|"]
-    for lab, row in zip(labels, cm):
+    for lab, row in zip(labels, cm or []):
         rec = m["per_class"][lab]["recall"]
         cm_rows.append(f"| **{lab}** | " + " | ".join(str(v) for v in row) + f" | {rec:.1f} % |")
     spec = info.input
@@ -227,9 +274,9 @@ def model_card(loaded, r: dict[str, Any]) -> str:
                           + (f" (epoch {t.get('epoch')} of {t.get('epochs')})" if t.get("epoch") else ""))
     split_used.append(f"this card evaluates {evaluated} ({role or 'role unknown'})")
     eval_rows = [f"| {m['data']} {m['split']}, whole split | {m['n']} | **{_pct(m['accuracy'])}** | "
-                 f"{_pct(m['mean_class_accuracy'])} | {_pct(m['macro_f1'])} |"]
+                 f"{_pct(m['mean_class_accuracy'])} | {_pct(m['macro_f1'])} |"] if cm is not None else []
     c = m.get("copies_in_train")
-    if "no_copy_n" in m:
+    if "no_copy_n" in m and cm is not None:
         eval_rows.append(f"| {m['data']} {m['split']}, no copy in {c['train_split'] if c else 'train'} | "
                          f"{m['no_copy_n']} | **{_pct(m.get('no_copy_accuracy'))}** | "
                          f"{_pct(m.get('no_copy_mean_class_accuracy'))} | {_pct(m.get('no_copy_macro_f1'))} |")
@@ -250,7 +297,8 @@ def model_card(loaded, r: dict[str, Any]) -> str:
         f"| architecture | `{info.arch}` {json.dumps(info.arch_kwargs)} ({r['params'] / 1e6:.2f} M parameters) |",
         f"| input | {spec.size}x{spec.size} {'grey' if spec.channels == 1 else 'RGB'}, (x/255 - {spec.mean[0]}) / {spec.std[0]}, "
         f"crop margin {spec.crop_margin:.3f}, crop offset y {spec.crop_offset_y:.3f}, eye-line aligned: {spec.align} |",
-        f"| classes | {', '.join(info.labels)} ({_label_order(info.labels)}) |",
+        (f"| classes | {', '.join(info.labels)} ({_label_order(info.labels)}) |" if "expression" in info.heads else
+         "| classes | none: this model predicts valence and arousal only |"),
         f"| heads | {', '.join(info.heads)}; {av} |",
         f"| file | {r['size_bytes'] / 1024:.0f} KiB, safetensors, weights stored as {', '.join(dtypes) or '?'} "
         f"(computed in float32) |",
@@ -276,23 +324,20 @@ def model_card(loaded, r: dict[str, Any]) -> str:
         f"## Evaluation (the shipped file, through {m.get('backend', 'ONNX Runtime')})",
         "",
         "```bash",
-        f"fer eval --checkpoint {r['checkpoint']} --data {m['data']} --split {m['split']}",
+        f"fer eval --checkpoint {r['checkpoint']} --data {m['data']} --split {m['split']}"
+        + "".join(f" --data-opt {k}={v}" for k, v in (m.get("data_opts") or {}).items()),
         "```",
         "",
-        "| data | n | accuracy | mean class accuracy | macro-F1 |",
-        "|---|---|---|---|---|",
-        *eval_rows,
-        "",
+        *(["| data | n | accuracy | mean class accuracy | macro-F1 |", "|---|---|---|---|---|", *eval_rows, ""]
+          if eval_rows else []),
+        *_av_section(m),
         copies_line + (" " + sel_note if sel_note else ""),
         "",
         *(["Published numbers on this dataset, for orientation only (other splits or protocols, not comparable "
            "one to one with the table above):", "", *papers, ""] if papers else []),
-        "Confusion matrix on the whole split (rows: true class, columns: predicted):",
-        "",
-        *cm_rows,
-        "",
-        f"![confusion matrix]({Path(r['confusion_png']).name})",
-        "",
+        *(["Confusion matrix on the whole split (rows: true class, columns: predicted):", "", *cm_rows, "",
+           f"![confusion matrix]({Path(r['confusion_png']).name})", ""] if cm is not None and r.get("confusion_png")
+          else []),
         "## Latency",
         "",
         f"Median ms per face at batch 1 on {platform.machine()} with {os.cpu_count()} CPUs "
@@ -309,13 +354,36 @@ def model_card(loaded, r: dict[str, Any]) -> str:
         "",
         "## Intended use and limitations",
         "",
-        "Research and demonstration of facial-expression recognition on frontal faces. "
+        ("Research and demonstration of facial-expression recognition on frontal faces. " if "expression" in info.heads
+         else "Research and demonstration of valence/arousal estimation from frontal faces. ")
         + _data_limitations(m, data.get("name")) +
         "Expression is not emotion: a predicted label describes a facial display, not what a person feels. "
         "Do not use it for decisions about people.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _av_section(m: dict[str, Any]) -> list[str]:
+    """The valence/arousal table (the head's, or the app's estimate from a categorical model), whole split and
+    no-copy part; nothing when the evaluation had no valence/arousal."""
+    rows = []
+    for w, what in (("", "the model's valence/arousal head"),
+                    ("estimated_", "the app's estimate from the class probabilities (category anchors)")):
+        if f"{w}mean_ccc" not in m:
+            continue
+        head = [f"Valence/arousal from {what}:", "",
+                "| data | n | RMSE V | RMSE A | SAGR V | SAGR A | PCC V | PCC A | CCC V | CCC A | mean CCC |",
+                "|---" * 11 + "|"]
+        for p, part in (("", "whole split"), ("no_copy_", "no copy in train")):
+            if f"{p}{w}mean_ccc" not in m:
+                continue
+            cells = [f"{float(m.get(f'{p}{w}{d}_{k}', float('nan'))):.4f}" for k in ("rmse", "sagr", "pcc", "ccc")
+                     for d in ("valence", "arousal")]
+            head.append(f"| {m['data']} {m['split']}, {part} | {m.get(f'{p}{w}va_n', '?')} | " + " | ".join(cells)
+                        + f" | **{float(m[f'{p}{w}mean_ccc']):.4f}** |")
+        rows += head + [""]
+    return rows
 
 
 def _data_limitations(m: dict[str, Any], name: str | None) -> str:
@@ -343,6 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", default="fer2013")
     p.add_argument("--data-dir")
     p.add_argument("--split", default="publictest")
+    from trainers.fer_eval import _key_value
+
+    p.add_argument("--data-opt", action="append", default=None, type=_key_value, metavar="KEY=VALUE",
+                   help="reader option, repeatable (default: the training run's own options when --data is its "
+                        "dataset, e.g. va=anchors for FER+'s proxy valence/arousal targets)")
     p.add_argument("--repeat", type=argtype(check_int, lo=1, name="--repeat"), default=300,
                    help="timed runs for the latency figures")
     p.add_argument("-v", "--verbose", action="store_true", help="the traceback of an internal error")
@@ -353,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         r = release(args.checkpoint, args.out, name=args.name, half=args.half, calibration=args.calibration,
-                    data=args.data, data_dir=args.data_dir, split=args.split, repeat=args.repeat, notes=args.notes)
+                    data=args.data, data_dir=args.data_dir, split=args.split, repeat=args.repeat, notes=args.notes,
+                    data_opts=None if args.data_opt is None else dict(args.data_opt))
         print(json.dumps({k: v for k, v in r.items() if k != "metrics"}, indent=2))
         return 0
 

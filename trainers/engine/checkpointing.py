@@ -74,7 +74,9 @@ def checkpoint_info(t: "Trainer", metrics: dict[str, Any], epoch: int) -> ckpt.C
         "hardware": hardware(t.device, t.amp_dtype, t.dist.world_size), "config": cfg.to_dict(),
     }
     return ckpt.CheckpointInfo(
-        arch=t.method.arch, arch_kwargs=dict(t.method.arch_kwargs), labels=list(t.data.label_names),
+        # a model without an expression head predicts no classes, whatever classes the training data had
+        arch=t.method.arch, arch_kwargs=dict(t.method.arch_kwargs),
+        labels=list(t.data.label_names) if "expression" in heads else [],
         input=t.spec, heads=heads, name=f"{t.method.name} {t.method.arch} {cfg.data}",
         training=training, metrics=m)
 

@@ -7,7 +7,8 @@ Every setting is declared once, as a dataclass field made with :func:`opt` (defa
 1. the field defaults (engine: :class:`TrainConfig`; method: its ``Config``),
 2. the method's ``defaults`` (engine settings the method trains with, e.g. Adam for DAF-CNN),
 3. the method's ``table`` row for the dataset (the paper's per-dataset settings),
-4. the flags given on the command line -- they always win.
+4. the flags given on the command line -- they always win; ``--data-opt`` options are added to the row's
+   reader options (a key given replaces the row's value for that key).
 
 With ``--resume`` the run's saved configuration replaces 1-3. The flags' defaults are suppressed in
 argparse, so "given" means typed by the user, not "differs from the default".

@@ -125,6 +125,9 @@ def resolve_config(method_cls: type[Method], given: dict[str, Any], saved: dict[
     data = g_engine.get("data", d_engine.get("data", TrainConfig.data))
     r_engine, r_mine = _split(method_cls, settings_row(method_cls, data))
     engine = {**d_engine, **r_engine, **g_engine}
+    if "data_opts" in g_engine:  # reader options add to the row's (--data-opt mode=distribution keeps va=anchors)
+        engine["data_opts"] = {**(d_engine.get("data_opts") or {}), **(r_engine.get("data_opts") or {}),
+                               **(g_engine["data_opts"] or {})}
     mine = {f.name: field_default(f) for f in dataclasses.fields(method_cls.Config)}
     mine.update({**d_mine, **r_mine, **g_mine})
     cfg = TrainConfig(**coerce(TrainConfig, engine))
