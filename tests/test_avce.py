@@ -423,3 +423,18 @@ def test_data_opts_add_to_the_rows():
     assert parse_config(cls, ["--data", "ferplus", "--data-opt", "mode=distribution"]).data_opts == {
         "va": "anchors", "mode": "distribution"}
     assert parse_config(cls, ["--data", "ferplus", "--data-opt", "va=none"]).data_opts == {"va": "none"}
+
+
+def test_on_disk_faces_are_decoded_at_the_models_input_size(afew, monkeypatch):
+    """A 224 px model trains on 224 px faces, not on the reader's 112 px default upsampled; an explicit
+    image_size option and in-memory data are left as they are."""
+    from trainers.data.splits import load_data
+
+    monkeypatch.setenv("FER_DESKTOP_CACHE", str(afew / "cache"))
+    tr, va, info = load_data("afew-va", str(afew / "data"), input_size=160)
+    assert info.image_size == 160 and tr.image_size == 160 and va.image_size == 160
+    assert tuple(tr[0]["image"].shape[:2]) == (160, 160)
+    _, _, info = load_data("afew-va", str(afew / "data"), input_size=160, opts={"image_size": 96})
+    assert info.image_size == 96
+    _, _, info = load_data("afew-va", str(afew / "data"), input_size=64)
+    assert info.image_size == 112                                   # the reader's default is enough

@@ -402,14 +402,14 @@ def evaluate_checkpoint(checkpoint: Any, data: str, data_dir: str | None, split:
     from ferengine import checkpoint as ck
     from ferengine.device import resolve_device
 
-    from .data import DatasetError, canonical_split, load_dataset
+    from .data import DatasetError, canonical_split
     from .data.batches import make_batches
-    from .data.splits import default_splits, subset
+    from .data.splits import default_splits, open_at_size, subset
 
     loaded = checkpoint if hasattr(checkpoint, "model") and hasattr(checkpoint, "info") else ck.load(checkpoint)
     info = loaded.info
     if dataset is None:
-        dataset = load_dataset(data, data_dir, split, **(data_opts or {}))
+        dataset = open_at_size(data, data_dir, split, data_opts, info.input.size)  # faces at the model's size
     split_name = getattr(dataset, "split", split)
     try:
         split_name = canonical_split(data, split_name)
@@ -453,7 +453,7 @@ def evaluate_checkpoint(checkpoint: Any, data: str, data_dir: str | None, split:
     if train_dataset is None and dataset is not None and data and not _is_train_split(data, split_name):
         tsplit = default_splits(data)[0]
         try:
-            train_dataset = load_dataset(data, data_dir, tsplit, **(data_opts or {}))
+            train_dataset = open_at_size(data, data_dir, tsplit, data_opts, info.input.size)
         except DatasetError as exc:
             copy_note = f"copies in {data}/{tsplit} not checked: {' '.join(str(exc).split())}"
     if train_dataset is not None:

@@ -123,13 +123,27 @@ def _check_targets(ds: Any, data: str, split: str | None, role: str, advice: str
                        f"target, so it cannot be the {role} split{advice}")
 
 
+def open_at_size(name: str, data_dir: str | None, split: str, opts: dict[str, Any] | None, size: int | None) -> Any:
+    """``open_dataset``, with an on-disk dataset's faces decoded at ``size`` px when that is more than the reader's
+    default and no ``image_size`` option was given: a 224 px model then trains on 224 px faces, not on the
+    reader's 112 px ones upsampled. In-memory datasets (FER2013's 48 px) are what they are."""
+    ds = open_dataset(name, data_dir, split, opts)
+    if (size and getattr(ds, "images", None) is None and "image_size" not in (opts or {})
+            and int(getattr(ds, "image_size", size)) < int(size)):
+        log.info("%s/%s: decoding the faces at %d px, the model's input (the reader's default: %d; --data-opt "
+                 "image_size=N to choose)", name, split, int(size), int(ds.image_size))
+        ds = open_dataset(name, data_dir, split, {**(opts or {}), "image_size": int(size)})
+    return ds
+
+
 def load_data(data: str, data_dir: str | None, *, train_split: str | None = None, val_split: str | None = None,
               opts: dict[str, Any] | None = None, limit_train: int = 0, limit_val: int = 0, seed: int = 0,
               channels: int | None = None, datasets: tuple[Any, Any] | None = None,
-              drop_copies_of: Sequence[str] = ()) -> tuple[Any, Any | None, DataInfo]:
+              drop_copies_of: Sequence[str] = (), input_size: int | None = None) -> tuple[Any, Any | None, DataInfo]:
     """Open the training and validation splits (``datasets`` = (train, val) given in-process skips the
     readers). ``val_split="none"``: no evaluation. ``drop_copies_of``: splits whose images are removed from
-    the training data where it holds a bit-identical copy (before ``limit_train``). Raises :class:`DatasetError`."""
+    the training data where it holds a bit-identical copy (before ``limit_train``). ``input_size``: the model's
+    input side, at which on-disk faces are decoded (:func:`open_at_size`). Raises :class:`DatasetError`."""
     d_train, d_val = default_splits(data) if datasets is None else ("train", "val")
     train_split = train_split or d_train
     vs: str | None = d_val
@@ -138,8 +152,8 @@ def load_data(data: str, data_dir: str | None, *, train_split: str | None = None
     if datasets is not None:
         train_ds, val_ds = datasets
     else:
-        train_ds = open_dataset(data, data_dir, train_split, opts)
-        val_ds = open_dataset(data, data_dir, vs, opts) if vs else None
+        train_ds = open_at_size(data, data_dir, train_split, opts, input_size)
+        val_ds = open_at_size(data, data_dir, vs, opts, input_size) if vs else None
     if val_ds is None:
         vs = None
     if drop_copies_of:

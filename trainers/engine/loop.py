@@ -129,7 +129,7 @@ class Trainer:
             self.train_ds, self.val_ds, self.data = load_data(
                 cfg.data, cfg.data_dir, train_split=cfg.train_split, val_split=cfg.val_split, opts=cfg.data_opts,
                 limit_train=cfg.limit_train, limit_val=cfg.limit_val, seed=cfg.seed, channels=cfg.channels,
-                datasets=datasets, drop_copies_of=cfg.drop_copies_of)
+                datasets=datasets, drop_copies_of=cfg.drop_copies_of, input_size=cfg.input_size)
         except DatasetError as exc:
             raise TrainError(str(exc)) from None
         self.copies = None  # the validation items with an exact copy in the training data (as trained on)
