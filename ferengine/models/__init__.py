@@ -6,6 +6,7 @@ from ._registry import (ModelCfg, UnknownModelError, create_model, describe_mode
 from . import avce as _avce  # noqa: F401  (registers)
 from . import clcl as _clcl  # noqa: F401  (registers)
 from . import daf as _daf  # noqa: F401  (registers)
+from . import esr as _esr  # noqa: F401  (registers)
 from . import fastcnn as _fastcnn  # noqa: F401  (registers)
 from . import resnet as _resnet  # noqa: F401  (registers)
 

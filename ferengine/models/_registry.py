@@ -37,7 +37,9 @@ class ModelCfg:
 
     ``heads``: the heads of ``create_model(name)``; ``input``: its ``default_input`` (size, channels);
     ``features``: the names ``forward_features`` returns; ``head_kwargs``: the builder takes ``num_classes``
-    and ``av_head`` (False for a model with fixed heads, e.g. valence/arousal only); ``test_kwargs``:
+    and ``av_head`` (False for a model with fixed heads, e.g. valence/arousal only); ``av_only``: with
+    ``head_kwargs``, ``num_classes=0, av_head=True`` builds a valence/arousal-only model (False for an ensemble
+    whose AV is read from its class scores, ESR's); ``test_kwargs``:
     constructor arguments for a small, fast instance in the tests.
     """
 
@@ -45,6 +47,7 @@ class ModelCfg:
     input: dict[str, Any] = field(default_factory=lambda: {"size": 48, "channels": 1})
     features: tuple[str, ...] = ()
     head_kwargs: bool = True
+    av_only: bool = True
     test_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
