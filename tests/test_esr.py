@@ -22,6 +22,14 @@ def _settled(model, x):
     return model.eval()
 
 
+def _small_esr(branches: int, n: int):
+    """A small ESR with BN statistics of its input, and that input (n faces)."""
+    torch.manual_seed(0)
+    m = create_model("esr", branches=branches, width=0.125, reduction=4)
+    x = torch.rand(n, 3, 96, 96)
+    return _settled(m, x), x
+
+
 def test_sizes_attention_and_heads():
     torch.manual_seed(0)
     m = create_model("esr", branches=2, width=0.25, av_head=True)
@@ -46,10 +54,7 @@ def test_sizes_attention_and_heads():
 
 
 def test_majority_vote_and_mean():
-    torch.manual_seed(0)
-    m = create_model("esr", branches=5, width=0.125, reduction=4)
-    x = torch.rand(16, 3, 96, 96)
-    _settled(m, x)
+    m, x = _small_esr(5, 16)
     with torch.no_grad():
         out = m(x)
         votes = out["branch_logits"].argmax(-1)                                     # (N, B)
@@ -63,10 +68,7 @@ def test_majority_vote_and_mean():
 
 
 def test_add_branch_keeps_the_others():
-    torch.manual_seed(0)
-    m = create_model("esr", branches=1, width=0.125, reduction=4)
-    x = torch.rand(4, 3, 96, 96)
-    _settled(m, x)
+    m, x = _small_esr(1, 4)
     with torch.no_grad():
         first = m(x)["branch_logits"][:, 0].clone()
         m.add_branch()
