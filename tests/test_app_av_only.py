@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from PySide6.QtGui import QImage  # noqa: E402
 
 from app.annotate import face_caption  # noqa: E402
-from app.settings import ENV_VAR, Settings  # noqa: E402
+from app.settings import Settings  # noqa: E402
 from app.widgets.plots import AV_ONLY_TEXT, NO_MODEL_TEXT, ProbabilityChart  # noqa: E402
 from app.window import LaunchOptions, MainWindow  # noqa: E402
 from app.worker import SourceSpec  # noqa: E402
@@ -31,50 +31,12 @@ from ferengine.pipeline import FaceResult  # noqa: E402
 from ferengine.preprocess import crop_faces, to_model_input  # noqa: E402
 from ferengine.results import LEADING_COLUMNS, TRAILING_COLUMNS, csv_columns  # noqa: E402
 
-FACE_VIDEO = "videos/pyfeat_single_face.mp4"
 WAIT_MS = 20000
 FER7 = tuple(LABEL_SETS["fer7"])
 
 
-@pytest.fixture(autouse=True)
-def private_settings(tmp_path, monkeypatch):
-    """Every test gets its own settings file: the user's settings are never read or written."""
-    path = tmp_path / "settings" / "fer-desktop.ini"
-    monkeypatch.setenv(ENV_VAR, str(path))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    return path
-
-
-@pytest.fixture
-def face_video(media_dir) -> Path:
-    path = media_dir / FACE_VIDEO
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
-
-
-@pytest.fixture
-def make_window(qtbot):
-    windows = []
-
-    def make(**kw) -> MainWindow:
-        kw.setdefault("probe_cameras", False)
-        kw.setdefault("restore_layout", False)
-        kw.setdefault("backend", "torch")
-        win = MainWindow(LaunchOptions(**kw))
-        qtbot.addWidget(win)
-        win.show()
-        windows.append(win)
-        return win
-
-    yield make
-    for win in windows:
-        win.shutdown()
-
-
-def wait_frames(qtbot, win: MainWindow, n: int = 3) -> None:
-    start = win.frames_shown
-    qtbot.waitUntil(lambda: win.frames_shown >= start + n, timeout=WAIT_MS)
+# the app tests' fixtures and helper, shared (private settings autouse, the offscreen window factory)
+from test_app import face_video, make_window, private_settings, wait_frames  # noqa: E402,F401
 
 
 def head_va(loaded, image: np.ndarray, face: FaceResult) -> np.ndarray:
