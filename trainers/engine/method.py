@@ -201,8 +201,9 @@ class Method:
         """After the optimiser step(s) and the momentum update: queue push, centre update."""
 
     def eval_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Outputs used for evaluation: ``"logits"`` or ``"probs"``, ``"va"``, optional ``"logits_<name>"``."""
-        return self.model(batch.input)
+        """Outputs used for evaluation: ``"logits"`` or ``"probs"``, ``"va"``, optional ``"logits_<name>"``.
+        Default: the exported network's (:meth:`export_model`), so that the run scores what its checkpoint holds."""
+        return self.export_model()(batch.input)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
         """After evaluation, before checkpoints and state are written."""

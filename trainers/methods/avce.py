@@ -297,9 +297,6 @@ class AVCE(Method):
         out["loss"] = total
         return out
 
-    def eval_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.model.net(batch.input)
-
     # ------------------------------------------------------------------ notes
     def training_notes(self) -> list[str]:
         o = self.opts

@@ -294,9 +294,6 @@ class CLCL(Method):
         logs["loss"] = loss
         return logs
 
-    def eval_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.model.net(batch.input)
-
     # ------------------------------------------------------------------ notes
     def training_notes(self) -> list[str]:
         o = self.opts

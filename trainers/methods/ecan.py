@@ -309,9 +309,6 @@ class ECAN(Method):
             self._push(*self._pending)
             self._pending = None
 
-    def eval_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.model.net(batch.input)
-
     # ------------------------------------------------------------------ notes, state
     def training_notes(self) -> list[str]:
         notes = [f"ECAN loss {self.opts.loss}, augmentation level {self.cfg.augment} (Table 1)"]
