@@ -212,21 +212,28 @@ def media_dir() -> Path:
     return MEDIA_DIR
 
 
+def pattern_face(rng, size: int, amplitude: float, noise: float, blob_var: float) -> tuple[int, np.ndarray]:
+    """(class, uint8 size x size face) of one of 4 easy synthetic patterns: horizontal stripes, vertical stripes,
+    a checker, a central blob (variance ``blob_var``), random phase and frequency."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    c = int(rng.integers(0, 4))
+    ph, f = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5)
+    m = size / 2
+    p = [np.sin(f * yy + ph), np.sin(f * xx + ph), np.sign(np.sin(f * xx + ph) * np.sin(f * yy + ph)),
+         2 * np.exp(-((xx - m) ** 2 + (yy - m) ** 2) / blob_var) - 1][c]
+    return c, np.clip(128 + amplitude * p + rng.normal(0, noise, (size, size)), 0, 255).astype(np.uint8)
+
+
 def write_fer2013(folder: Path, n_train: int = 160, n_val: int = 48, n_private: int = 0, seed: int = 0,
                   copies: int = 0) -> Path:
     """fer2013.csv (emotion,pixels,Usage) in Kaggle's format whose classes 0..3 are easy synthetic patterns.
     ``copies``: the first PublicTest rows take the pixels of Training rows 0, 1, ... (as the real file's do);
     every third copy with another label than its Training twin."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:48, 0:48].astype(np.float64)
     rows = []
     for usage, n in (("Training", n_train), ("PublicTest", n_val), ("PrivateTest", n_private)):
         for _ in range(n):
-            c = int(rng.integers(0, 4))
-            ph, f = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5)
-            p = [np.sin(f * yy + ph), np.sin(f * xx + ph), np.sign(np.sin(f * xx + ph) * np.sin(f * yy + ph)),
-                 2 * np.exp(-((xx - 24) ** 2 + (yy - 24) ** 2) / 60.0) - 1][c]
-            img = np.clip(128 + 60 * p + rng.normal(0, 20, (48, 48)), 0, 255).astype(np.uint8)
+            c, img = pattern_face(rng, 48, 60, 20, 60.0)
             rows.append((c, " ".join(map(str, img.reshape(-1))), usage))
     for i in range(copies):
         c, pixels, _ = rows[i]
@@ -251,7 +258,6 @@ def write_afew_va(folder: Path, n_clips: int = 12, frames: int = 16, seed: int =
 
     rng = np.random.default_rng(seed)
     corners = np.array([[6.0, 5.0], [-6.0, 5.0], [-5.0, -5.0], [5.0, -6.0]])
-    yy, xx = np.mgrid[0:64, 0:64].astype(np.float64)
     base = folder / "AFEW-VA"
     for k in range(n_clips):
         clip = f"{k + 1:03d}"
@@ -259,11 +265,7 @@ def write_afew_va(folder: Path, n_clips: int = 12, frames: int = 16, seed: int =
         d.mkdir(parents=True, exist_ok=True)
         doc: dict = {"actor": f"actor{k % 6}", "video_id": clip, "frames": {}}
         for f in range(frames):
-            c = int(rng.integers(0, 4))
-            ph, fr = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.5)
-            p = [np.sin(fr * yy + ph), np.sin(fr * xx + ph), np.sign(np.sin(fr * xx + ph) * np.sin(fr * yy + ph)),
-                 2 * np.exp(-((xx - 32) ** 2 + (yy - 32) ** 2) / 120.0) - 1][c]
-            face = np.clip(128 + 70 * p + rng.normal(0, 15, (64, 64)), 0, 255).astype(np.uint8)
+            c, face = pattern_face(rng, 64, 70, 15, 120.0)
             img = np.full((120, 160, 3), 40, np.uint8)
             img[28:92, 48:112] = face[..., None]
             fid = f"{f:05d}"
