@@ -584,6 +584,11 @@ class Trainer:
         """Load the best epoch's weights (and method state) back into the model (DAF-CNN's lr drops)."""
         files.reload_best(self)
 
+    def reset_best(self) -> None:
+        """Start the selection afresh: the next epoch becomes the best (ESR: every stage, a larger ensemble,
+        selects its own best; best.safetensors then ends as the best of the last stage)."""
+        self.best_value, self.best_epoch = None, 0
+
     # ---------------------------------------------------------------- files
     def _check_out(self) -> None:
         if self.cfg.eval_only:
