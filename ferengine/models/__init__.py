@@ -8,6 +8,7 @@ from . import clcl as _clcl  # noqa: F401  (registers)
 from . import daf as _daf  # noqa: F401  (registers)
 from . import esr as _esr  # noqa: F401  (registers)
 from . import fastcnn as _fastcnn  # noqa: F401  (registers)
+from . import manet as _manet  # noqa: F401  (registers)
 from . import resnet as _resnet  # noqa: F401  (registers)
 
 __all__ = ["ModelCfg", "create_model", "describe_model", "list_models", "model_cfg", "register_model",
