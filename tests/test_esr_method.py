@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import write_fer2013
 from ferengine import checkpoint as ck
@@ -23,7 +22,7 @@ from ferengine.models.esr import CBAM
 from ferengine.preprocess import to_model_input
 from trainers.engine import TrainError, Trainer, parse_config
 from trainers.losses.ce import va_loss
-from trainers.methods import get_method, run
+from trainers.methods import run
 from trainers.methods.esr import ESRMethod, esr_loss
 
 COMMON = ["--workers", "0", "--no-tensorboard", "--bench-batches", "0"]
