@@ -17,7 +17,9 @@ called from the GUI thread: they only set flags or queue a
 command that the loop applies between frames, so they never block.
 
 :class:`ModelLoader` loads a checkpoint and builds its backend on a short-lived thread (loading a model and
-exporting it for ONNX Runtime takes a moment), then the window hands the result to the worker.
+exporting it for ONNX Runtime takes a moment, building a TensorRT engine minutes: its progress comes back
+through :attr:`ModelLoader.progress`), then the window hands the result to the worker, which keeps running
+the current backend until then.
 """
 from __future__ import annotations
 
@@ -717,6 +719,9 @@ class ModelLoader(QObject):
     loaded = Signal(int, object)  # request id, ModelBundle
     backendReady = Signal(int, object)  # request id, Backend
     failed = Signal(int, str, str)  # request id, what ("model" | "backend"), message
+    # request id, fraction in [0, 1] or None (unknown), message: a backend being built (a TensorRT engine),
+    # at most PROGRESS_INTERVAL_S apart, the latest always delivered; always before that request's result
+    progress = Signal(int, object, str)
 
     def __init__(self, parent: QObject | None = None):
         super().__init__(parent)
@@ -757,11 +762,14 @@ class ModelLoader(QObject):
         except Exception as exc:  # noqa: BLE001 - anything else reading the file
             self._emit_failed(rid, "model", f"{path}: {type(exc).__name__}: {exc}")
             return
+        reporter = _ProgressReporter(self, rid)
         try:
-            be, note = _create_backend(loaded, backend, device)
+            be, note = _create_backend(loaded, backend, device, reporter)
         except Exception as exc:  # noqa: BLE001
+            reporter.finish()
             self._emit_failed(rid, "model", f"{path}: no backend can run this model: {exc}")
             return
+        reporter.finish()
         bundle = ModelBundle(loaded, be, path, time.perf_counter() - t0, note)
         if self._closing:
             _close_quietly(be)
@@ -769,13 +777,14 @@ class ModelLoader(QObject):
         self.loaded.emit(rid, bundle)
 
     def _make_backend(self, rid: int, loaded, backend: str, device: str) -> None:
-        from ferengine.backends import create_backend
-
+        reporter = _ProgressReporter(self, rid)
         try:
-            be = create_backend(backend, loaded, device)
+            be = _create_with_progress(backend, loaded, device, reporter)
         except Exception as exc:  # noqa: BLE001 - BackendUnavailable, export errors
+            reporter.finish()
             self._emit_failed(rid, "backend", str(exc))
             return
+        reporter.finish()
         if self._closing:
             _close_quietly(be)
             return
@@ -793,14 +802,112 @@ class ModelLoader(QObject):
             t.join(max(0.0, deadline - time.monotonic()))
 
 
-def _create_backend(loaded, backend: str, device: str):
+PROGRESS_INTERVAL_S = 0.1  # ModelLoader.progress: at most ~10 signals a second per request
+
+
+class _ProgressReporter:
+    """The ``progress(fraction, message)`` callback given to a backend being built (see
+    :attr:`ModelLoader.progress`). Called on the loader's thread, possibly many times a second; emits at most
+    every :data:`PROGRESS_INTERVAL_S`, and the latest call held back by that is emitted later (by a timer, or
+    by :meth:`finish` once the backend is built, before its result), so the last word is never lost. It never
+    raises into the build."""
+
+    def __init__(self, loader: "ModelLoader", rid: int, interval: float = PROGRESS_INTERVAL_S):
+        self._loader = loader
+        self._rid = rid
+        self._interval = float(interval)
+        self._lock = threading.Lock()
+        self._last_emit = -1e9
+        self._pending: tuple[float | None, str] | None = None
+        self._timer: threading.Timer | None = None
+        self._done = False
+        self.calls = 0
+
+    def __call__(self, fraction=None, message: str = "") -> None:
+        try:
+            value = _fraction(fraction)
+            text = str(message or "")
+            with self._lock:
+                if self._done:
+                    return
+                self.calls += 1
+                self._pending = (value, text)
+                wait = self._last_emit + self._interval - time.monotonic()
+                if wait > 0:
+                    if self._timer is None:
+                        self._timer = threading.Timer(wait, self._flush_from_timer)
+                        self._timer.daemon = True
+                        self._timer.start()
+                    return
+                self._emit_locked()
+        except Exception:  # noqa: BLE001 - reporting must never break the build
+            log.exception("reporting backend build progress")
+
+    def _emit_locked(self) -> None:
+        pending, self._pending = self._pending, None
+        self._last_emit = time.monotonic()
+        if pending is not None and not self._loader._closing:
+            self._loader.progress.emit(self._rid, pending[0], pending[1])
+
+    def _flush_from_timer(self) -> None:
+        try:
+            with self._lock:
+                self._timer = None
+                if not self._done:
+                    self._emit_locked()
+        except Exception:  # noqa: BLE001
+            log.exception("reporting backend build progress")
+
+    def finish(self) -> None:
+        """The build is over: emit what is still held back, then ignore any further call."""
+        try:
+            with self._lock:
+                if self._done:
+                    return
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self._emit_locked()
+                self._done = True
+        except Exception:  # noqa: BLE001
+            log.exception("reporting backend build progress")
+
+
+def _fraction(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return min(1.0, max(0.0, f)) if math.isfinite(f) else None
+
+
+def _create_with_progress(backend: str, loaded, device: str, progress: Callable | None):
+    """``create_backend`` with the ``progress`` option where the backend takes it: "tensorrt" (it builds
+    an engine), and "auto" (``create_backend`` gives each candidate only the options its class accepts);
+    torch and onnxruntime are never given it."""
+    from ferengine import backends
+
+    if progress is None or backend not in ("tensorrt", "auto"):
+        return backends.create_backend(backend, loaded, device)
+    try:
+        return backends.create_backend(backend, loaded, device, progress=progress)
+    except TypeError as exc:  # a TensorRT backend that does not report progress yet
+        if "unexpected keyword argument 'progress'" not in str(exc):
+            raise
+        log.info("the %s backend takes no progress callback (%s); building without progress", backend, exc)
+        return backends.create_backend(backend, loaded, device)
+
+
+def _create_backend(loaded, backend: str, device: str, progress: Callable | None = None):
     """The requested backend, or the automatic choice (with a note) when it cannot run here."""
-    from ferengine.backends import BackendUnavailable, create_backend
+    from ferengine.backends import BackendUnavailable
 
     try:
-        return create_backend(backend, loaded, device), ""
+        return _create_with_progress(backend, loaded, device, progress), ""
     except BackendUnavailable as exc:
         if backend == "auto":
             raise
-        be = create_backend("auto", loaded, device)
+        be = _create_with_progress("auto", loaded, device, progress)
         return be, f"{exc}; using {be.name} instead"
