@@ -16,8 +16,8 @@ from pathlib import Path
 from PySide6.QtCore import QByteArray, QThread, QTimer, Qt, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (
-    QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QLabel, QMainWindow, QMenu, QMessageBox, QSlider,
-    QSpinBox, QStackedWidget, QStyle, QToolBar, QVBoxLayout, QWidget,
+    QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMenu, QMessageBox,
+    QProgressBar, QSlider, QSpinBox, QStackedWidget, QStyle, QToolBar, QVBoxLayout, QWidget,
 )
 
 from ferengine.backends import BACKENDS, available_backends
@@ -63,7 +63,20 @@ def nice_device(device: str) -> str:
     d = str(device)
     if d.endswith("ExecutionProvider"):
         d = d[: -len("ExecutionProvider")]
-    return d.upper() if d.lower() in ("cpu", "cuda") else d
+    low = d.lower()
+    if low.startswith("cuda:") and low[5:].isdigit():
+        return f"GPU {low[5:]}"
+    return d.upper() if low in ("cpu", "cuda") else d
+
+
+def backend_label(backend) -> str:
+    """How the status bar names a backend: its flavour when it has one (e.g. "TensorRT-RTX 1.7.1"), else the
+    backend's name, then the device: "TensorRT-RTX 1.7.1 · GPU 0", "ONNX Runtime · CPU"."""
+    if backend is None:
+        return ""
+    flavour = str(getattr(backend, "flavour", "") or "").strip()
+    name = flavour or BACKEND_NAMES.get(backend.name, backend.name)
+    return f"{name} · {nice_device(backend.device)}"
 
 
 def shipped_models() -> list[Path]:
@@ -114,6 +127,11 @@ class MainWindow(QMainWindow):
         self._model_request = 0
         self._model_request_interactive = False
         self._backend_request = 0
+        self._backend_request_name = ""  # the backend asked for by _backend_request
+        self._backend_request_loaded = None  # the LoadedModel it is being built for
+        self._model_request_choice = "auto"  # the backend choice the latest checkpoint load asked for
+        self._running_choice = "auto"  # the menu choice behind the backend in use (restored when a switch fails)
+        self._build_request = 0  # the loader request whose progress the status bar shows (0: none)
         self._pending_source: SourceSpec | None = None
         self._source_request = 0  # id of the latest open_source; older sources' signals are dropped
         self._closed = False
@@ -164,6 +182,7 @@ class MainWindow(QMainWindow):
         self.loader.loaded.connect(self._on_model_loaded)
         self.loader.backendReady.connect(self._on_backend_ready)
         self.loader.failed.connect(self._on_load_failed)
+        self.loader.progress.connect(self._on_build_progress)
 
         self._status_timer = QTimer(self)
         self._status_timer.setInterval(250)
@@ -412,6 +431,27 @@ class MainWindow(QMainWindow):
         self.sb_model = lab("The model in use")
         self.sb_backend = lab("Inference backend and device")
 
+        # a backend being built (a TensorRT engine takes minutes): shown while it builds, the current backend
+        # keeps running meanwhile
+        self.sb_build = QWidget(self)
+        self.sb_build.setToolTip("Preparing the new inference backend; the current one keeps running until it "
+                                 "is ready")
+        row = QHBoxLayout(self.sb_build)
+        row.setContentsMargins(8, 0, 8, 0)
+        row.setSpacing(6)
+        self.build_bar = QProgressBar(self.sb_build)
+        self.build_bar.setRange(0, 0)
+        self.build_bar.setFixedWidth(110)
+        self.build_bar.setMaximumHeight(max(12, self.fontMetrics().height()))
+        self.build_bar.setTextVisible(False)
+        self.build_bar.setFormat("%p %")
+        self.build_label = QLabel(self.sb_build)
+        self.build_label.setMaximumWidth(self.build_label.fontMetrics().horizontalAdvance("0" * 40))
+        row.addWidget(self.build_bar)
+        row.addWidget(self.build_label)
+        sb.insertPermanentWidget(0, self.sb_build)
+        self.sb_build.hide()
+
     # ================================================================== startup / settings
     def _restore_settings(self) -> None:
         s = self.settings
@@ -450,6 +490,7 @@ class MainWindow(QMainWindow):
                 log.warning("backend %s unavailable (%s); using auto", backend, reason)
             backend = "auto"
         self.backend_choice = backend
+        self._running_choice = backend
         self.backend_actions[backend].setChecked(True)
 
     def save_settings(self) -> None:
@@ -803,27 +844,34 @@ class MainWindow(QMainWindow):
         """Load a checkpoint on a background thread; the current model stays in use until it is ready, and
         stays if it fails (a dialog says why when ``interactive``)."""
         path = Path(path)
+        # a backend still being built for the current model is moot: the new model gets its own
+        self._supersede_backend_build()
         self._model_request = self.loader.load(path, self.backend_choice, self.options.device)
+        self._model_request_choice = self.backend_choice
         self._model_request_interactive = interactive
         self.model_bar.show_message(f"Loading model <b>{_esc(path.name)}</b>…", "info")
         self.statusBar().showMessage(f"Loading {path}…")
 
     def _on_model_loaded(self, rid: int, bundle: ModelBundle) -> None:
+        if rid == self._build_request:
+            self._hide_build()
         if rid != self._model_request or self._closed:
             bundle.backend.close()
             return
+        self._running_choice = self._model_request_choice
         self.worker.set_model(bundle)
         self.settings.set("model/last", str(bundle.path.resolve()))
         self.settings.add_recent_checkpoint(bundle.path)
         self._start_pending_source()
 
     def _on_load_failed(self, rid: int, what: str, message: str) -> None:
+        if rid == self._build_request:
+            self._hide_build()
         if what == "backend":
             if rid != self._backend_request:
-                return
-            self._note_problem(f"the backend could not be used: {message}")
-            self._error_box("Backend unavailable", message)
-            self._check_backend_action(self.backend_obj.name if self.backend_obj is not None else "auto")
+                return  # superseded by a later choice
+            self._backend_request = 0
+            self._on_backend_failed(self._backend_request_name, message)
             return
         if rid != self._model_request:
             return
@@ -887,21 +935,95 @@ class MainWindow(QMainWindow):
 
     def unload_model(self) -> None:
         self._model_request = -1
+        self._supersede_backend_build()
         self.worker.set_model(None)
 
     def choose_backend(self, name: str) -> None:
+        """Build ``name``'s backend for the current model in the background (a TensorRT engine can take
+        minutes: the status bar shows its progress); the backend in use keeps running until the new one is
+        ready, and stays when it fails. A later choice supersedes a build still running (its result is closed)."""
         self.backend_choice = name
         self.settings.set("model/backend", name)
         if self.bundle is None:
+            self._running_choice = name  # used by the next checkpoint load
             return
         self._backend_request = self.loader.make_backend(self.bundle.loaded, name, self.options.device)
-        self.statusBar().showMessage(f"Switching to {BACKEND_NAMES.get(name, name)}…")
+        self._backend_request_name = name
+        self._backend_request_loaded = self.bundle.loaded
+        label = BACKEND_NAMES.get(name, name)
+        self._show_build(self._backend_request, None, f"Switching to {label}…")
+        self.statusBar().showMessage(f"Switching to {label}…"
+                                     + (f" (still running {backend_label(self.backend_obj)})" if self.backend_obj
+                                        is not None else ""), 5000)
+
+    def _supersede_backend_build(self) -> None:
+        if self._backend_request and self._build_request == self._backend_request:
+            self._hide_build()
+        self._backend_request = 0  # whatever it still delivers is closed, not used
 
     def _on_backend_ready(self, rid: int, backend) -> None:
-        if rid != self._backend_request or self._closed or self.bundle is None:
-            backend.close()
+        if rid == self._build_request:
+            self._hide_build()
+        if (rid != self._backend_request or self._closed or self.bundle is None
+                or self._backend_request_loaded is not self.bundle.loaded):
+            backend.close()  # superseded (another choice, another model) or closing
             return
+        self._backend_request = 0
+        self._running_choice = self._backend_request_name
         self.worker.set_backend(backend)
+
+    def _on_backend_failed(self, name: str, message: str) -> None:
+        """The chosen backend cannot be built: the one in use keeps running, the menu goes back to it."""
+        what = BACKEND_NAMES.get(name, name)
+        running = backend_label(self.backend_obj) if self.backend_obj is not None else "without a model backend"
+        text = f"{what} could not be used: {message}; still running {running}"
+        log.warning("%s", text)
+        self._note_problem(text)
+        self.statusBar().showMessage(text, 20000)
+        if not self._closed:
+            self.model_bar.show_message(_esc(text), "warning", [("Dismiss", self._restore_model_bar)])
+        self.backend_choice = self._running_choice
+        self.settings.set("model/backend", self.backend_choice)
+        if self.backend_choice == "auto" or self.backend_obj is None:
+            self._check_backend_action(self.backend_choice)
+        else:
+            self._check_backend_action(self.backend_obj.name)
+
+    # ------------------------------------------------------------ build progress (status bar)
+    def _on_build_progress(self, rid: int, fraction, message: str) -> None:
+        if self._closed:
+            return
+        if rid == self._build_request and rid in (self._backend_request, self._model_request):
+            self._show_build(rid, fraction, message)  # the backend switch in progress
+        elif rid == self._model_request and self._build_request == 0:
+            self._show_build(rid, fraction, message)  # a checkpoint load that builds a TensorRT engine
+
+    def _show_build(self, rid: int, fraction, message: str) -> None:
+        self._build_request = rid
+        text = str(message or "Preparing the backend…")
+        fm = self.build_label.fontMetrics()
+        width = self.build_label.maximumWidth() - 4
+        self.build_label.setText(fm.elidedText(text, Qt.TextElideMode.ElideMiddle, width))  # keeps "3/10"
+        if fraction is None:
+            self.build_bar.setRange(0, 0)  # busy: how far is unknown
+            self.build_bar.setTextVisible(False)
+        else:
+            self.build_bar.setRange(0, 1000)
+            self.build_bar.setValue(int(round(1000 * min(1.0, max(0.0, float(fraction))))))
+            self.build_bar.setTextVisible(True)
+            text = f"{text} ({100 * float(fraction):.0f} %)"
+        self.build_label.setToolTip(text)
+        self.sb_build.show()
+
+    def _hide_build(self) -> None:
+        self._build_request = 0
+        self.sb_build.hide()
+        self.build_label.setText("")
+
+    @property
+    def build_text(self) -> str:
+        """The full progress message shown while a backend builds ("" when none is)."""
+        return self.build_label.toolTip() if self.sb_build.isVisibleTo(self) else ""
 
     def _on_backend_changed(self, backend) -> None:
         self.backend_obj = backend
@@ -910,7 +1032,7 @@ class MainWindow(QMainWindow):
             self.act_device.setText("Device: no model loaded")
             self.sb_model.setText("no model")
             return
-        self.sb_backend.setText(f"{BACKEND_NAMES.get(backend.name, backend.name)} · {nice_device(backend.device)}")
+        self.sb_backend.setText(backend_label(backend))
         self.act_device.setText(f"Device: {backend.device}")
         if self.bundle is not None:
             self._show_model_name()
