@@ -237,21 +237,38 @@ def cmd_export(args) -> int:
         written = _opset_of(onnx.load(str(out), load_external_data=False)) if not _is_special(out) else args.opset
         print(f"wrote {show(out)}" + (f" (ONNX opset {written})" if written else ""), file=sys.stderr)
         return 0
-    if args.format == "tensorrt":
-        from .device import cuda_reason
-        from .trt import tensorrt_reason
+    from .export import tensorrt_engine
+    from .trt import import_tensorrt, tensorrt_build_reason
 
-        reason = tensorrt_reason() or cuda_reason()
-        if reason:  # before the ONNX export that would be thrown away
-            from .errors import BackendUnavailable
+    reason = tensorrt_build_reason()
+    if reason:  # before any export work
+        from .errors import BackendUnavailable
 
-            raise BackendUnavailable(f"cannot build a TensorRT engine: {reason}")
-    import tempfile
+        raise BackendUnavailable(f"cannot build a TensorRT engine: {reason}")
+    t = import_tensorrt("build")
+    last = [0.0]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(loaded, Path(tmp) / "model.onnx", opset=args.opset)
-        build_tensorrt_engine(onnx_path, out, fp16=not args.fp32, max_batch=args.max_batch)
-    print(f"wrote {show(out)}", file=sys.stderr)
+    def progress(fraction, message):  # one line per phase step on a terminal, nothing when piped
+        import time
+
+        now = time.monotonic()
+        if sys.stderr.isatty() and (now - last[0] > 0.1 or fraction == 1.0):
+            last[0] = now
+            pct = f"{fraction * 100:3.0f}%" if fraction is not None else "    "
+            print(f"\r{pct} {message[:70]:<70}", end="", file=sys.stderr, flush=True)
+
+    path, built = tensorrt_engine(loaded, out, fp16=not args.fp32, max_batch=args.max_batch, targets=args.targets,
+                                  progress=progress, rebuild=args.rebuild, tensorrt=t)
+    if sys.stderr.isatty():
+        print("\r" + " " * 76 + "\r", end="", file=sys.stderr)
+    from .export import sidecar_path
+
+    record = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    what = (f"{record['tensorrt']}, {record['precision']}, batch 1..{record['batch'][2]}"
+            + (f", compute capability {' '.join(record['targets'])}" if record.get("targets") else "")
+            + (f", for {record['gpu'][0]}" if record.get("gpu") else ""))
+    print(f"{'wrote' if built else 'up to date, kept'} {show(path)} ({what}); record {show(sidecar_path(path))}",
+          file=sys.stderr)
     return 0
 
 
@@ -312,6 +329,11 @@ def cmd_backends(args) -> int:
     from .backends import available_backends
 
     for name, reason in available_backends().items():
+        if name == "tensorrt":
+            from .trt import tensorrt_summary
+
+            print(f"{name:<12} {tensorrt_summary()}")
+            continue
         print(f"{name:<12} {'available' if reason is None else 'unavailable: ' + reason}")
     return 0
 
@@ -360,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=argtype(check_int, name="max_batch", lo=1, hi=65536), default=16,
                    help="TensorRT: largest batch of faces (default 16)")
     p.add_argument("--fp32", action="store_true", help="TensorRT: build in fp32 instead of fp16")
+    p.add_argument("--targets", metavar="CC,CC", default=None,
+                   help="TensorRT-RTX: compute capabilities to build for, e.g. 8.6,8.9 or 75,80 or current "
+                        "(default: every one it knows but 7.5)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="TensorRT: build even when --out holds an up-to-date engine of this checkpoint")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="print what a checkpoint holds (architecture, labels, input, metrics)",

@@ -63,7 +63,8 @@ VERIFY_ATOL = 1e-4
 # ExportError and InferenceModule (the deployed graph) live in ferengine.errors and ferengine.graph;
 # imported here for callers that look for them in ferengine.export.
 __all__ = ["ExportError", "InferenceModule", "export_onnx", "build_tensorrt_engine", "cached_onnx", "cache_dir",
-           "writable_cache_dir", "fingerprint", "opset_range", "check_opset"]
+           "writable_cache_dir", "fingerprint", "opset_range", "check_opset", "onnx_to_fp16", "tensorrt_engine",
+           "check_engine", "EngineError", "engine_key", "parse_targets", "sidecar_path", "runtime_cache_path"]
 
 
 def opset_range() -> tuple[int, int]:
@@ -344,6 +345,91 @@ def _safe(name: str) -> str:
 
 # -------------------------------------------------------------------------------------- tensorrt
 
+ENGINE_FORMAT = 1  # the sidecar's format: bump when what it records changes
+PRECISIONS = ("fp16", "fp32")
+
+
+def onnx_to_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write an fp16 copy of the ONNX file ``src`` to ``dst`` (atomically): weights and activations in fp16, the
+    input and outputs kept float32 (casts at both ends), the ops onnxruntime has no fp16 kernel for kept in fp32.
+    TensorRT-RTX builds strongly typed networks (no fp16 builder flag): an engine runs in the precision of its
+    graph, so this is how an fp16 engine is made. Conversion by onnxruntime's own converter
+    (``onnxruntime.transformers.float16``)."""
+    import onnx
+
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as exc:
+        raise ExportError(f"an fp16 engine needs onnxruntime's fp16 converter ({exc}); pip install onnxruntime, "
+                          "or build in fp32 (--fp32)") from None
+    proto = onnx.load(str(src))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "values clipped to the fp16 range": reported by the comparison below
+        half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    for entry in half.metadata_props:
+        if entry.key == "fer_precision":
+            entry.value = "fp16"
+            break
+    else:
+        entry = half.metadata_props.add()
+        entry.key, entry.value = "fer_precision", "fp16"
+    atomic_write_bytes(Path(dst), half.SerializeToString())
+    return Path(dst)
+
+
+def parse_targets(value: str | Sequence[str] | None, t) -> tuple[str, ...]:
+    """``"8.6,89,12.0"`` (or a sequence) -> ``("8.6", "8.9", "12.0")`` checked against what TensorRT-RTX ``t``
+    targets; None / "default" -> its default set; "current" -> the GPU here. Full TensorRT: () (it builds for
+    its GPU; asking for targets is an error)."""
+    from .errors import InvalidValue
+
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "default")):
+        return t.default_targets()
+    if not t.rtx:
+        raise InvalidValue(f"--targets: {t.label} builds an engine for the GPU it runs on; compute-capability "
+                           f"targets are a TensorRT-RTX option (pip install 'fer-desktop[tensorrt-rtx]')")
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    if [v.lower() for v in items] == ["current"]:
+        return ("current",)
+    known = t.target_ccs()
+    out = []
+    for item in items:
+        cc = item if "." in item else (f"{item[:-1]}.{item[-1]}" if item.isdigit() and len(item) >= 2 else item)
+        if cc not in known:
+            raise InvalidValue(f"--targets: {item!r} is not a compute capability {t.label} can build for; "
+                               f"choose from {', '.join(known)}, or 'current' (the GPU here)")
+        if cc not in out:
+            out.append(cc)
+    if not out:
+        raise InvalidValue(f"--targets: no compute capability given; choose from {', '.join(known)}")
+    return tuple(out)
+
+
+def engine_key(loaded: "LoadedModel", t, *, precision: str, max_batch: int, opt_batch: int,
+               targets: Sequence[str]) -> str:
+    """What an engine depends on, hashed: the weights and checkpoint info (:func:`fingerprint`), the flavour and
+    version of TensorRT, the target compute capabilities (full TensorRT: the GPU that builds it), precision and
+    batch range. An engine whose recorded key differs is stale and is rebuilt."""
+    where = tuple(targets)
+    if not t.rtx or where == ("current",):
+        from .trt import gpu_cc
+
+        where = (*where, *(gpu_cc() or ("no GPU",)))
+    return fingerprint(loaded, f"engine v{ENGINE_FORMAT}", t.flavour, t.version, where, precision,
+                       int(max_batch), int(opt_batch))
+
+
+def sidecar_path(engine_path: str | os.PathLike) -> Path:
+    """``model.engine`` -> ``model.engine.json``: what the engine was built from and for (see :func:`check_engine`)."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".json")
+
+
+def runtime_cache_path(engine_path: str | os.PathLike) -> Path:
+    """``model.engine`` -> ``model.engine.rtcache``: TensorRT-RTX's compiled kernels for the GPU it ran on."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".rtcache")
+
 
 def build_tensorrt_engine(
     onnx_path: str | os.PathLike,
@@ -353,36 +439,52 @@ def build_tensorrt_engine(
     *,
     opt_batch: int | None = None,
     workspace_mb: int | None = None,
+    targets: str | Sequence[str] | None = None,
+    progress=None,
+    meta: dict | None = None,
+    tensorrt=None,
 ) -> Path:
-    """Build a serialized TensorRT engine from an ONNX file (TensorRT 10 Python API) and write it
-    atomically to ``engine_path``.
+    """Build a serialized TensorRT engine from an ONNX file and write it, then its sidecar JSON
+    (:func:`sidecar_path`: flavour, version, targets, precision, batch range, size and sha256 of the engine,
+    plus ``meta``), atomically.
 
-    One optimisation profile covers batches 1..``max_batch`` (tuned for ``opt_batch``, default
-    ``min(4, max_batch)``: a frame rarely holds more faces). ``fp16`` allows fp16 kernels where the GPU
-    has them (outputs stay fp32). Raises :class:`BackendUnavailable` when TensorRT cannot be imported or
-    there is no CUDA GPU, :class:`ExportError` when the ONNX file does not parse or the build fails.
-    Engines are specific to the GPU model and TensorRT version that built them.
-    """
-    from .trt import import_tensorrt
+    Full TensorRT or TensorRT-RTX, whichever :func:`ferengine.trt.import_tensorrt` finds (TensorRT-RTX builds on
+    a machine without a GPU). The network is strongly typed: ``fp16`` converts the graph to fp16 first
+    (:func:`onnx_to_fp16`, input and outputs stay float32); otherwise it runs in fp32. One optimisation profile
+    covers batches 1..``max_batch``, tuned for ``opt_batch`` (default ``min(4, max_batch)``: a frame rarely
+    holds more faces). ``targets``: TensorRT-RTX's compute capabilities (:func:`parse_targets`). ``progress``:
+    ``callback(fraction or None, message)`` from the builder's progress monitor. Raises
+    :class:`BackendUnavailable` when no TensorRT can build here, :class:`ExportError` when the ONNX file does not
+    parse or the build fails (with what TensorRT said)."""
+    import tempfile
 
-    trt = import_tensorrt()
-    reason = cuda_reason()
-    if reason:
-        raise BackendUnavailable(f"cannot build a TensorRT engine: {reason}")
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    opt = min(max(1, opt_batch or min(4, max_batch)), max_batch)
+    from .trt import ProgressMonitor, TrtLogger, import_tensorrt, tensorrt_build_reason
+
+    if tensorrt is None:
+        reason = tensorrt_build_reason()
+        if reason:
+            raise BackendUnavailable(f"cannot build a TensorRT engine: {reason}")
+    t = tensorrt or import_tensorrt("build")
+    trt = t.module
+    max_batch = check_int(max_batch, "max_batch", lo=1, hi=65536)
+    opt = min(max(1, int(opt_batch or min(4, max_batch))), max_batch)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise ExportError(f"{onnx_path}: no such ONNX file")
+    ccs = parse_targets(targets, t)
+    precision = "fp16" if fp16 else "fp32"
+    if progress:
+        progress(None, f"{t.label}: preparing the {precision} graph")
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: every network has an explicit batch axis
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors or 'no details'}")
+    logger = TrtLogger(t)
+    with tempfile.TemporaryDirectory(prefix="fer-trt-") as tmp:
+        src = onnx_to_fp16(onnx_path, Path(tmp) / "model-fp16.onnx") if fp16 else onnx_path
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(src.read_bytes()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ExportError(f"{onnx_path}: {t.label}'s ONNX parser failed: {errors or 'no details'}")
     if network.num_inputs != 1:
         raise ExportError(f"{onnx_path}: expected one input, the network has {network.num_inputs}")
     inp = network.get_input(0)
@@ -394,22 +496,155 @@ def build_tensorrt_engine(
     config = builder.create_builder_config()
     if workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if fp16:
-        if not hasattr(trt.BuilderFlag, "FP16"):
-            log.warning("TensorRT %s has no BuilderFlag.FP16 (strongly typed networks only): building "
-                        "in the ONNX file's precision (fp32)", trt.__version__)
-        elif not getattr(builder, "platform_has_fast_fp16", True):
-            log.warning("this GPU has no fast fp16: building the TensorRT engine in fp32")
-        else:
-            config.set_flag(trt.BuilderFlag.FP16)
+    if t.rtx:
+        config.num_compute_capabilities = len(ccs)
+        for i, cc in enumerate(ccs):
+            member = "CURRENT" if cc == "current" else "SM" + cc.replace(".", "")
+            if not config.set_compute_capability(getattr(trt.ComputeCapability, member), i):
+                raise ExportError(f"{t.label} refused compute capability {cc} as a target")
     profile = builder.create_optimization_profile()
     profile.set_shape(inp.name, (1, *chw), (opt, *chw), (max_batch, *chw))
     config.add_optimization_profile(profile)
+    if progress and hasattr(config, "progress_monitor"):
+        config.progress_monitor = ProgressMonitor(t, progress)
 
-    log.info("building a TensorRT engine from %s (fp16=%s, batch 1..%d); this takes a while",
-             onnx_path, fp16, max_batch)
+    log.info("building a %s engine from %s (%s, batch 1..%d%s)", t.label, onnx_path, precision, max_batch,
+             f", compute capability {' '.join(ccs)}" if ccs else "")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
-    atomic_write_bytes(engine_path, bytes(serialized))
+        said = "; ".join(logger.errors[-3:]) or "no details"
+        raise ExportError(f"{onnx_path}: {t.label} could not build an engine: {said}")
+    data = bytes(serialized)
+    record = {
+        "fer_engine": ENGINE_FORMAT, "flavour": t.flavour, "tensorrt": t.label, "version": t.version,
+        "targets": list(ccs) or None, "precision": precision, "batch": [1, opt, max_batch],
+        "input": list(chw), "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), **(meta or {}),
+    }
+    if not t.rtx or ccs == ("current",):
+        from .trt import gpu_cc
+
+        record["gpu"] = list(gpu_cc() or ())
+    atomic_write_bytes(engine_path, data)
+    runtime_cache_path(engine_path).unlink(missing_ok=True)  # kernels of the engine this one replaces
+    atomic_write_bytes(sidecar_path(engine_path), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    if progress:
+        progress(1.0, f"{t.label}: engine built")
     return engine_path
+
+
+class EngineError(ExportError):
+    """An engine file that cannot be used as it is: missing, damaged, stale, foreign; the message says which."""
+
+
+def check_engine(path: str | os.PathLike, t, *, key: str | None = None, probe: bool = True) -> dict:
+    """Check the engine file ``path`` for TensorRT ``t`` without loading it, and return its sidecar record ({}
+    when it has none). Raises :class:`EngineError` saying what is wrong:
+
+    - no such file, an empty file, or a file that does not start with this TensorRT's engine header;
+    - its size or sha256 differs from what the sidecar recorded when it was built (a truncated or damaged copy);
+    - built by another TensorRT flavour or version, for other target compute capabilities, or from other
+      weights (``key`` given and different from the recorded one): stale;
+    - ``probe`` and a GPU here: TensorRT's own header check (``Runtime.get_engine_validity``, TensorRT-RTX) says
+      it is invalid on this system, with its diagnostics.
+    """
+    path = Path(path)
+    shown = show(path)
+    try:
+        head = path.read_bytes()
+    except FileNotFoundError:
+        raise EngineError(f"{shown}: no such engine file") from None
+    except OSError as exc:
+        raise EngineError(f"{shown}: cannot read the engine ({exc.strerror})") from None
+    if not head:
+        raise EngineError(f"{shown}: the engine file is empty")
+    from .trt import ENGINE_MAGIC
+
+    magic = ENGINE_MAGIC.get(t.flavour)
+    if magic and not head.startswith(magic):
+        raise EngineError(f"{shown}: not a {t.label} engine (it does not start with {magic!r}; an engine of full "
+                          "TensorRT, or not an engine at all?); rebuild it with fer export --format tensorrt")
+    record: dict = {}
+    side = sidecar_path(path)
+    if side.is_file():
+        try:
+            record = json.loads(side.read_text(encoding="utf-8"))
+            if not isinstance(record, dict) or record.get("fer_engine") != ENGINE_FORMAT:
+                raise ValueError("not a fer-desktop engine record of this version")
+        except (ValueError, OSError) as exc:
+            raise EngineError(f"{show(side)}: unreadable engine record ({exc}); rebuild the engine with fer export "
+                              "--format tensorrt") from None
+        if record.get("size") != len(head) or record.get("sha256") != hashlib.sha256(head).hexdigest():
+            raise EngineError(f"{shown}: {len(head)} bytes that are not the {record.get('size')} bytes built "
+                              f"(a truncated or damaged copy); rebuild it with fer export --format tensorrt")
+        if record.get("flavour") != t.flavour or record.get("version") != t.version:
+            raise EngineError(f"{shown}: built by {record.get('tensorrt')}, but {t.label} is installed (engines do "
+                              "not carry over between TensorRT versions); rebuild it with fer export --format tensorrt")
+        if key is not None and record.get("key") not in (None, key):
+            raise EngineError(f"{shown}: built from other weights or with other options than asked for now "
+                              "(stale); rebuild it with fer export --format tensorrt")
+    if probe and t.rtx and cuda_reason() is None:
+        validity, diagnostics = _validity(t, head)
+        if validity == "INVALID":
+            raise EngineError(f"{shown}: {t.label} says this engine is invalid here ({diagnostics}); rebuild it "
+                              "with fer export --format tensorrt")
+        if validity == "SUBOPTIMAL":
+            log.warning("%s: %s says this engine may run slower here than one built for this GPU", shown, t.label)
+    return record
+
+
+def _validity(t, data: bytes) -> tuple[str, str]:
+    from .trt import TrtLogger
+
+    trt = t.module
+    logger = TrtLogger(t)
+    logger.quiet = True
+    runtime = trt.Runtime(logger)
+    validity, bits = runtime.get_engine_validity(data[: max(int(runtime.engine_header_size), 64)])
+    flags = [name.lower().replace("_", " ") for name, member in trt.EngineInvalidityDiagnostics.__members__.items()
+             if int(bits) & (1 << int(member))] if int(bits) else []
+    return validity.name, ", ".join(flags) or "no diagnostics"
+
+
+def tensorrt_engine(loaded: "LoadedModel", path: str | os.PathLike | None = None, *, fp16: bool = True,
+                    max_batch: int = 16, opt_batch: int | None = None, targets=None, progress=None,
+                    rebuild: bool = False, tensorrt=None, verify: bool = True) -> tuple[Path, bool]:
+    """The engine of ``loaded`` at ``path`` (default: in ``cache_dir("tensorrt")``, named by :func:`engine_key`),
+    built now unless a checked, up-to-date one is there: ``(path, built)``. A stale, damaged or foreign engine at
+    ``path`` is rebuilt (with a logged line saying why), never loaded. ``tensorrt``: the
+    :class:`ferengine.trt.TensorRT` to build with (default: the one that can build here). ``verify``: compare the
+    ONNX export with torch first (:func:`export_onnx`)."""
+    from .trt import import_tensorrt, tensorrt_build_reason
+
+    if tensorrt is None:
+        reason = tensorrt_build_reason()
+        if reason:
+            raise BackendUnavailable(f"cannot build a TensorRT engine: {reason}")
+    t = tensorrt or import_tensorrt("build")
+    max_batch = check_int(max_batch, "max_batch", lo=1, hi=65536)
+    opt = min(max(1, int(opt_batch or min(4, max_batch))), max_batch)
+    ccs = parse_targets(targets, t)
+    precision = "fp16" if fp16 else "fp32"
+    key = engine_key(loaded, t, precision=precision, max_batch=max_batch, opt_batch=opt, targets=ccs)
+    if path is None:
+        path = writable_cache_dir("tensorrt") / f"{_safe(loaded.info.arch)}-{key[:24]}.engine"
+    path = Path(path)
+    if path.exists() and not rebuild:
+        try:
+            record = check_engine(path, t, key=key)
+            if record.get("key") == key:
+                log.debug("reusing TensorRT engine %s", path)
+                return path, False
+            why = "it has no record of what it was built from"
+        except EngineError as exc:
+            why = str(exc).split(": ", 1)[-1].split("; rebuild it with", 1)[0]
+        log.warning("rebuilding the TensorRT engine %s: %s", show(path), why)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fer-onnx-") as tmp:
+        if progress:
+            progress(None, f"exporting {loaded.info.arch} to ONNX")
+        onnx_path = export_onnx(loaded, Path(tmp) / "model.onnx", verify=verify)
+        build_tensorrt_engine(onnx_path, path, fp16=fp16, max_batch=max_batch, opt_batch=opt, targets=ccs,
+                              progress=progress, tensorrt=t, meta={"key": key, "arch": loaded.info.arch,
+                                                       "outputs": list(output_names(loaded.info.heads))})
+    return path, True

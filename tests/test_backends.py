@@ -19,7 +19,9 @@ from ferengine.preprocess import InputSpec
 
 LABELS = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 HAS_CUDA = torch.cuda.is_available()
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+from ferengine.trt import installed, tensorrt_build_reason  # noqa: E402
+
+HAS_TRT = bool(installed())  # full TensorRT or TensorRT-RTX
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
@@ -87,8 +89,9 @@ def test_tensorrt_reported_unavailable_with_reason():
     assert isinstance(reason, str) and reason
     if not HAS_TRT:
         assert "TensorRT is not installed" in reason and "pip install 'fer-desktop[tensorrt]'" in reason
-    if not HAS_CUDA:
-        assert "no CUDA GPU" in reason
+        assert "fer-desktop[tensorrt-rtx]" in reason
+    elif not HAS_CUDA:
+        assert "running an engine needs an NVIDIA" in reason and "found: no CUDA GPU" in reason
 
 
 @pytest.mark.skipif(HAS_TRT and HAS_CUDA, reason="TensorRT is usable here")
@@ -97,13 +100,18 @@ def test_create_tensorrt_raises_with_that_reason(loaded):
     with pytest.raises(BackendUnavailable) as err:
         create_backend("tensorrt", loaded)
     assert reason in str(err.value)
-    with pytest.raises(BackendUnavailable):
-        export.build_tensorrt_engine("missing.onnx", "missing.engine")
+    if tensorrt_build_reason() is None:  # TensorRT-RTX builds without a GPU
+        with pytest.raises(export.ExportError, match="missing.onnx: no such ONNX file"):
+            export.build_tensorrt_engine("missing.onnx", "missing.engine")
+    else:
+        with pytest.raises(BackendUnavailable, match="cannot build a TensorRT engine"):
+            export.build_tensorrt_engine("missing.onnx", "missing.engine")
 
 
 def test_importing_ferengine_imports_no_optional_runtime():
     code = ("import sys, ferengine, ferengine.backends, ferengine.export, ferengine.backends.tensorrt_backend; "
-            "print(sorted(m for m in ('tensorrt', 'onnxruntime', 'onnx') if m in sys.modules))")
+            "print(sorted(m for m in ('tensorrt', 'tensorrt_rtx', 'tensorrt_rtx_bindings', 'onnxruntime', 'onnx') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

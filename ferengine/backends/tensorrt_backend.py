@@ -1,17 +1,21 @@
-"""TensorRT (>= 10) on a CUDA GPU: a serialized engine run with torch CUDA tensors as I/O buffers.
+"""TensorRT on a CUDA GPU: a serialized engine run with torch CUDA tensors as I/O buffers, through full TensorRT
+(``tensorrt``, >= 10) or TensorRT-RTX (``tensorrt_rtx``), whichever :mod:`ferengine.trt` finds (``.flavour``
+says which: ``"TensorRT-RTX 1.7.1.116"``).
 
-``tensorrt`` is imported only when this backend is created (or its availability asked), never when
-:mod:`ferengine` is imported. Without an ``engine_path`` the engine is built once from the checkpoint's
-cached ONNX export (:func:`ferengine.export.build_tensorrt_engine`, fp16, batch 1..``max_batch``) into
-``cache_dir("tensorrt")``, keyed by the ONNX file, the TensorRT version, the GPU and the build options
-(engines do not carry over between GPUs or TensorRT versions). Larger batches run in chunks.
+TensorRT is imported only when this backend is created (or its availability asked), never when :mod:`ferengine`
+is imported. Without an ``engine_path`` the engine comes from :func:`ferengine.export.tensorrt_engine`: built
+once (fp16, batch 1..``max_batch``) into ``cache_dir("tensorrt")``, keyed by the weights, the TensorRT flavour
+and version, the target compute capabilities (full TensorRT: the GPU) and the build options; an entry that is
+stale, damaged or invalid on this GPU is rebuilt, never loaded blindly. With ``engine_path`` (``fer export
+--format tensorrt``) that file is checked the same way and refused with the reason. TensorRT-RTX compiles its
+kernels for the GPU at the first run; they are kept in a runtime cache beside the engine
+(``model.engine.rtcache``), written when the backend closes. Larger batches than ``max_batch`` run in chunks.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -22,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import LoadedModel
 
 log = logging.getLogger("ferengine.backends")
+
 
 def _torch_dtype(trt: Any, dtype: Any):
     import torch
@@ -35,9 +40,11 @@ def _torch_dtype(trt: Any, dtype: Any):
 
 
 class TensorRTBackend(Backend):
-    """``fp16``/``max_batch``: engine build options. ``onnx_path``: build from this ONNX file instead
-    of the checkpoint's cached export. ``engine_path``: run this prebuilt engine (``fer export
-    --format tensorrt``) as is."""
+    """``fp16``/``max_batch``/``targets``: engine build options (targets: TensorRT-RTX compute capabilities, see
+    :func:`ferengine.export.parse_targets`). ``engine_path``: run this prebuilt engine (``fer export --format
+    tensorrt``), checked first. ``progress``: ``callback(fraction or None, message)`` while an engine is built
+    (the app shows it). ``onnx_path`` is accepted for backwards compatibility and ignored: the engine is built
+    from the checkpoint's own export, so that its key describes the weights."""
 
     name = "tensorrt"
 
@@ -48,67 +55,111 @@ class TensorRTBackend(Backend):
         *,
         fp16: bool = True,
         max_batch: int = 16,
+        targets: Any = None,
         onnx_path: str | Path | None = None,
         engine_path: str | Path | None = None,
+        progress: Callable[[float | None, str], Any] | None = None,
     ):
         super().__init__(loaded)
-        reason = tensorrt_reason()
-        if reason:
-            raise BackendUnavailable(f"the tensorrt backend is unavailable: {reason}")
-        trt = import_tensorrt()
-        import torch
-
         from ..device import resolve_device
+        from ..export import EngineError, check_engine, engine_key, parse_targets, tensorrt_engine
+        from ..trt import TrtLogger
 
         if str(device).strip().lower() == "cpu":
             raise BackendUnavailable("TensorRT runs on a CUDA GPU only; use onnxruntime or torch on the CPU")
+        reason = tensorrt_reason()
+        if reason:
+            raise BackendUnavailable(f"the tensorrt backend is unavailable: {reason}")
         self._device = resolve_device("cuda" if str(device).strip().lower() == "auto" else device)
+        reason = tensorrt_reason(self._device)
+        if reason:
+            raise BackendUnavailable(f"the tensorrt backend is unavailable on {self._device}: {reason}")
+        t = import_tensorrt("run")
+        trt = t.module
+        import torch
+
+        self.flavour = t.label
         self.device = str(self._device)
         self.fp16 = fp16
+        self._t = t
+        self._logger = TrtLogger(t)
+        self._runtime_cache = None
+        self._runtime_cache_file: Path | None = None
         with torch.cuda.device(self._device):
             if engine_path is not None:
                 self.engine_path = Path(engine_path)
+                key = None
+                try:
+                    record = check_engine(self.engine_path, t)
+                    if record.get("key"):
+                        opts = dict(precision=record.get("precision"), max_batch=record["batch"][2],
+                                    opt_batch=record["batch"][1], targets=parse_targets(record.get("targets"), t)
+                                    if t.rtx else ())
+                        key = engine_key(loaded, t, **opts)
+                        check_engine(self.engine_path, t, key=key, probe=False)
+                    else:
+                        log.warning("%s has no engine record (%s): its weights cannot be checked against %s",
+                                    self.engine_path, self.engine_path.name + ".json", loaded.path)
+                except EngineError as exc:
+                    raise BackendUnavailable(str(exc)) from None
                 self._engine = self._deserialize(trt, self.engine_path)
                 if self._engine is None:
-                    raise BackendUnavailable(
-                        f"{self.engine_path}: TensorRT {trt.__version__} cannot load this engine (built by "
-                        "another TensorRT version or for another GPU?); rebuild it with fer export")
+                    said = "; ".join(self._logger.errors[-2:])
+                    raise BackendUnavailable(f"{self.engine_path}: {t.label} cannot load this engine"
+                                             f"{f' ({said})' if said else ''}; rebuild it with fer export")
             else:
-                self.engine_path = self._cached_engine(trt, loaded, onnx_path, fp16, max_batch)
+                self.engine_path, _ = tensorrt_engine(loaded, fp16=fp16, max_batch=max_batch, targets=targets,
+                                                      progress=progress, tensorrt=t)
                 self._engine = self._deserialize(trt, self.engine_path)
                 if self._engine is None:  # damaged cache entry: build again, once
                     log.warning("cached TensorRT engine %s cannot be loaded; rebuilding it", self.engine_path)
-                    self.engine_path.unlink(missing_ok=True)
-                    self.engine_path = self._cached_engine(trt, loaded, onnx_path, fp16, max_batch)
+                    self.engine_path, _ = tensorrt_engine(loaded, fp16=fp16, max_batch=max_batch, targets=targets,
+                                                          progress=progress, rebuild=True, tensorrt=t)
                     self._engine = self._deserialize(trt, self.engine_path)
                     if self._engine is None:
-                        raise BackendUnavailable(f"{self.engine_path}: TensorRT cannot load the engine it built")
-            self._context = self._engine.create_execution_context()
+                        raise BackendUnavailable(f"{self.engine_path}: {t.label} cannot load the engine it built: "
+                                                 + ("; ".join(self._logger.errors[-2:]) or "no details"))
+            self._context = self._create_context(trt)
             if self._context is None:
-                raise BackendUnavailable("TensorRT could not create an execution context (out of GPU memory?)")
+                raise BackendUnavailable(f"{t.label} could not create an execution context (out of GPU memory?)")
         self._setup_io(trt)
 
     # ------------------------------------------------------------------------------------ set-up
 
     def _deserialize(self, trt: Any, path: Path):
-        self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         return self._runtime.deserialize_cuda_engine(path.read_bytes())
 
-    def _cached_engine(self, trt: Any, loaded: "LoadedModel", onnx_path: Any, fp16: bool, max_batch: int) -> Path:
-        import torch
+    def _create_context(self, trt: Any):
+        """TensorRT-RTX: a context with a runtime cache of the JIT-compiled kernels, read from beside the engine;
+        full TensorRT: a plain context."""
+        if not self._t.rtx or not hasattr(self._engine, "create_runtime_config"):
+            return self._engine.create_execution_context()
+        from ..export import runtime_cache_path
 
-        from ..export import build_tensorrt_engine, cached_onnx, writable_cache_dir
+        config = self._engine.create_runtime_config()
+        cache = config.create_runtime_cache()
+        self._runtime_cache_file = runtime_cache_path(self.engine_path)
+        if self._runtime_cache_file.is_file():
+            blob = self._runtime_cache_file.read_bytes()
+            if not cache.deserialize(blob):
+                log.warning("%s: unusable runtime cache, starting a new one", self._runtime_cache_file)
+                cache.reset()
+        config.set_runtime_cache(cache)
+        self._runtime_cache, self._runtime_config = cache, config
+        return self._engine.create_execution_context(config)
 
-        onnx_file = Path(onnx_path) if onnx_path is not None else cached_onnx(loaded)
-        props = torch.cuda.get_device_properties(self._device)
-        h = hashlib.sha256(onnx_file.read_bytes())
-        h.update(f"\ntrt={trt.__version__} gpu={props.name} cc={props.major}.{props.minor} "
-                 f"fp16={fp16} max_batch={max_batch}".encode())
-        path = writable_cache_dir("tensorrt") / f"{onnx_file.stem}-{h.hexdigest()[:24]}.engine"
-        if not path.is_file():
-            build_tensorrt_engine(onnx_file, path, fp16=fp16, max_batch=max_batch)
-        return path
+    def _save_runtime_cache(self) -> None:
+        if self._runtime_cache is None or self._runtime_cache_file is None:
+            return
+        from ..fileio import atomic_write_bytes
+
+        try:
+            blob = self._runtime_cache.serialize()
+            if blob is not None and len(blob):
+                atomic_write_bytes(self._runtime_cache_file, bytes(blob))
+        except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs a recompile, no more
+            log.warning("could not write the TensorRT-RTX runtime cache %s: %s", self._runtime_cache_file, exc)
 
     def _setup_io(self, trt: Any) -> None:
         engine = self._engine
@@ -154,7 +205,10 @@ class TensorRTBackend(Backend):
         return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
 
     def close(self) -> None:
+        if not self._closed:
+            self._save_runtime_cache()
         self._context = None
+        self._runtime_cache = None
         self._engine = None
         self._runtime = None
         super().close()
