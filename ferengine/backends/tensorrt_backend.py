@@ -43,7 +43,8 @@ class TensorRTBackend(Backend):
     """``fp16``/``max_batch``/``targets``: engine build options (targets: TensorRT-RTX compute capabilities, see
     :func:`ferengine.export.parse_targets`). ``engine_path``: run this prebuilt engine (``fer export --format
     tensorrt``), checked first. ``progress``: ``callback(fraction or None, message)`` while an engine is built
-    (the app shows it). ``onnx_path`` is accepted for backwards compatibility and ignored: the engine is built
+    (the app shows it). ``cuda_graphs``: TensorRT-RTX captures each input shape's launch as a CUDA graph
+    (``CudaGraphStrategy.WHOLE_GRAPH_CAPTURE``; off by default until measured on an RTX GPU). ``onnx_path`` is accepted for backwards compatibility and ignored: the engine is built
     from the checkpoint's own export, so that its key describes the weights."""
 
     name = "tensorrt"
@@ -59,6 +60,7 @@ class TensorRTBackend(Backend):
         onnx_path: str | Path | None = None,
         engine_path: str | Path | None = None,
         progress: Callable[[float | None, str], Any] | None = None,
+        cuda_graphs: bool = False,
     ):
         super().__init__(loaded)
         from ..device import resolve_device
@@ -85,6 +87,7 @@ class TensorRTBackend(Backend):
         self._logger = TrtLogger(t)
         self._runtime_cache = None
         self._runtime_cache_file: Path | None = None
+        self._cuda_graphs = bool(cuda_graphs)
         with torch.cuda.device(self._device):
             if engine_path is not None:
                 self.engine_path = Path(engine_path)
@@ -147,7 +150,9 @@ class TensorRTBackend(Backend):
                 cache.reset()
         config.set_runtime_cache(cache)
         self._runtime_cache, self._runtime_config = cache, config
-        return self._engine.create_execution_context(config)
+        if self._cuda_graphs and hasattr(trt, "CudaGraphStrategy"):
+            config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        return self._engine.create_execution_context(runtime_config=config)
 
     def _save_runtime_cache(self) -> None:
         if self._runtime_cache is None or self._runtime_cache_file is None:
