@@ -287,3 +287,36 @@ def _to_input_torch(t: "torch.Tensor", spec: InputSpec) -> "torch.Tensor":
     mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+def to_device_input(images: Any, spec: InputSpec, device: Any = "cpu", *, non_blocking: bool = True) -> "torch.Tensor":
+    """uint8 faces -> the normalised float32 ``(N, C, size, size)`` batch as a torch tensor ON ``device``.
+
+    The same input as :func:`to_model_input` (numpy or torch; ``(N, H, W)``, ``(N, H, W, 3)`` or
+    ``(N, C, H, W)``; uint8, or float in [0, 1] for tensors) and the very same torch arithmetic
+    (resize, grey/RGB conversion, ``(x/255 - mean) / std``), but run where the model runs: the faces
+    are uploaded as uint8 (a quarter of the bytes of the float batch) and converted on the device, so a
+    GPU backend's :meth:`~ferengine.backends.torch_backend.TorchBackend.run_tensor` can take the result
+    without a host round trip. Numpy NHWC faces are made NCHW-contiguous before the float conversion,
+    exactly as :func:`to_model_input` does, so on the CPU the two agree to the last bit; on a CUDA
+    device the resize kernels (bilinear, antialiased when shrinking) and the grey conversion's 3-term
+    sum may round differently in the last bits (a few 1e-7 relative; not yet measured on a GPU, and
+    tests/test_torch_gpu_path.py allows 1e-4, far below one grey level, 1/255/std).
+    ``non_blocking``: the host-to-device copy may overlap (it only does for pinned host memory).
+    """
+    dev = torch.device(device)
+    if isinstance(images, torch.Tensor):
+        t = images
+    else:
+        a = np.asarray(images)
+        if a.ndim == 2:
+            a = a[None]
+        if a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] not in (1, 3)):
+            raise ValueError(f"expected faces as (N,H,W) or (N,H,W,3) uint8, got shape {a.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if t.ndim == 4:
+            t = t.permute(0, 3, 1, 2)  # NHWC -> NCHW view, made contiguous on the device below
+    t = t.to(dev, non_blocking=non_blocking)
+    if t.ndim == 4 and t.shape[1] in (1, 3) and not t.is_contiguous():
+        t = t.contiguous()  # the layout to_model_input's numpy path converts from
+    return _to_input_torch(t, spec)
