@@ -5,8 +5,9 @@
 
 ``"auto"`` tries, in order (the first one that can be created wins; each skipped one is logged):
 
-- on a CUDA GPU (``device`` "auto" and torch sees a GPU, or ``device`` "cuda[:N]"): TensorRT (fp16, the
-  fastest by far) when it is installed, else torch on CUDA. onnxruntime is not tried on a GPU: its
+- on a CUDA GPU (``device`` "auto" and torch sees a GPU, or ``device`` "cuda[:N]"): TensorRT (fp16) when a
+  flavour that can run on this GPU is installed (full TensorRT; TensorRT-RTX on the RTX-class GPUs it targets),
+  else torch on CUDA. onnxruntime is not tried on a GPU: its
   CUDA provider needs the separate ``onnxruntime-gpu`` build and is no faster than eager torch for
   models this small, while torch CUDA is always there when the GPU is.
 - on the CPU (no GPU, or ``device="cpu"``): onnxruntime, else torch. Measured on 2 cores at batch 1:
@@ -60,7 +61,8 @@ def available_backends() -> dict[str, str | None]:
     """``{name: None}`` for each backend usable here, ``{name: reason}`` for the others.
 
     torch is always usable (on the CPU at least); onnxruntime needs ``onnxruntime`` (+ ``onnx``,
-    ``onnxscript`` to export); TensorRT needs the ``tensorrt`` package (>= 10) and a CUDA GPU.
+    ``onnxscript`` to export); TensorRT needs full TensorRT (>= 10) and a CUDA GPU, or TensorRT-RTX and a GPU
+    it targets (:mod:`ferengine.trt`; ``tensorrt_summary()`` says which flavour and what it can do here).
     """
     return {name: _reason(name) for name in BACKENDS}
 
@@ -96,9 +98,10 @@ def create_backend(name: str, loaded: "LoadedModel", device: str = "auto", **opt
     """A ready backend for ``loaded``.
 
     ``name``: ``"auto"`` or one of :data:`BACKENDS`. ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``,
-    ``"cuda:N"``. ``options`` go to the backend class (torch: ``precision``; onnxruntime:
-    ``onnx_path``, ``threads``, ``spinning``, ``tensorrt_ep``; tensorrt: ``fp16``, ``max_batch``,
-    ``engine_path``); with ``"auto"`` each candidate gets the options its constructor accepts.
+    ``"cuda:N"``. ``options`` go to the backend class (torch: ``precision``, and on CUDA ``channels_last``,
+    ``cuda_graphs``, ``max_batch``; onnxruntime: ``onnx_path``, ``threads``, ``spinning``, ``tensorrt_ep``;
+    tensorrt: ``fp16``, ``max_batch``, ``targets``, ``engine_path``, ``progress``, ``cuda_graphs``); with
+    ``"auto"`` each candidate gets the options its constructor accepts.
     Raises :class:`BackendUnavailable` (why, and what to install) when the backend cannot run here.
     """
     from ..errors import ExportError
