@@ -951,10 +951,11 @@ class MainWindow(QMainWindow):
         self._backend_request_name = name
         self._backend_request_loaded = self.bundle.loaded
         label = BACKEND_NAMES.get(name, name)
-        self._show_build(self._backend_request, None, f"Switching to {label}…")
-        self.statusBar().showMessage(f"Switching to {label}…"
-                                     + (f" (still running {backend_label(self.backend_obj)})" if self.backend_obj
-                                        is not None else ""), 5000)
+        # in the build widget only: a temporary status message beside it has no room and shows as a cut-off letter
+        self.statusBar().clearMessage()
+        self._show_build(self._backend_request, None, f"Switching to {label}…"
+                         + (f" (still running {backend_label(self.backend_obj)})" if self.backend_obj is not None
+                            else ""))
 
     def _supersede_backend_build(self) -> None:
         if self._backend_request and self._build_request == self._backend_request:

@@ -130,7 +130,6 @@ def test_build_shows_progress_and_the_old_backend_runs_until_the_new_one_is_read
     qtbot.waitUntil(lambda: win.build_text.startswith(BUILDING), timeout=WAIT_MS)
     assert win.build_text == f"{BUILDING} (30 %)"
     assert win.build_bar.maximum() == 1000 and win.build_bar.value() == 300
-    win.grab().save("/tmp/app_build.png")
     n = win.last_packet.processed
     wait_frames(qtbot, win, 3)
     assert win.last_packet.processed > n and win.last_packet.has_model
