@@ -891,13 +891,7 @@ def _create_with_progress(backend: str, loaded, device: str, progress: Callable 
 
     if progress is None or backend not in ("tensorrt", "auto"):
         return backends.create_backend(backend, loaded, device)
-    try:
-        return backends.create_backend(backend, loaded, device, progress=progress)
-    except TypeError as exc:  # a TensorRT backend that does not report progress yet
-        if "unexpected keyword argument 'progress'" not in str(exc):
-            raise
-        log.info("the %s backend takes no progress callback (%s); building without progress", backend, exc)
-        return backends.create_backend(backend, loaded, device)
+    return backends.create_backend(backend, loaded, device, progress=progress)
 
 
 def _create_backend(loaded, backend: str, device: str, progress: Callable | None = None):

@@ -601,7 +601,7 @@ def _validity(t, data: bytes) -> tuple[str, str]:
     runtime = trt.Runtime(logger)
     validity, bits = runtime.get_engine_validity(data[: max(int(runtime.engine_header_size), 64)])
     flags = [name.lower().replace("_", " ") for name, member in trt.EngineInvalidityDiagnostics.__members__.items()
-             if int(bits) & (1 << int(member))] if int(bits) else []
+             if int(bits) & int(member)]  # the members are bit values (measured: 1, 2, 4 .. 64)
     return validity.name, ", ".join(flags) or "no diagnostics"
 
 

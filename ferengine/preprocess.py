@@ -254,15 +254,21 @@ def to_model_input(images: Any, spec: InputSpec):
     """
     if isinstance(images, torch.Tensor):
         return _to_input_torch(images, spec)
+    a = _faces_array(images)
+    if a.ndim == 4:
+        a = a.transpose(0, 3, 1, 2)  # NHWC -> NCHW view
+    with torch.inference_mode():
+        return _to_input_torch(torch.from_numpy(np.ascontiguousarray(a)), spec).numpy()
+
+
+def _faces_array(images: Any) -> np.ndarray:
+    """Numpy faces as ``(N, H, W)`` or ``(N, H, W, C)`` (one ``(H, W)`` face becomes a batch of one)."""
     a = np.asarray(images)
     if a.ndim == 2:
         a = a[None]
     if a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] not in (1, 3)):
         raise ValueError(f"expected faces as (N,H,W) or (N,H,W,3) uint8, got shape {a.shape}")
-    if a.ndim == 4:
-        a = a.transpose(0, 3, 1, 2)  # NHWC -> NCHW view
-    with torch.inference_mode():
-        return _to_input_torch(torch.from_numpy(np.ascontiguousarray(a)), spec).numpy()
+    return a
 
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -308,12 +314,7 @@ def to_device_input(images: Any, spec: InputSpec, device: Any = "cpu", *, non_bl
     if isinstance(images, torch.Tensor):
         t = images
     else:
-        a = np.asarray(images)
-        if a.ndim == 2:
-            a = a[None]
-        if a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] not in (1, 3)):
-            raise ValueError(f"expected faces as (N,H,W) or (N,H,W,3) uint8, got shape {a.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = torch.from_numpy(np.ascontiguousarray(_faces_array(images)))
         if t.ndim == 4:
             t = t.permute(0, 3, 1, 2)  # NHWC -> NCHW view, made contiguous on the device below
     t = t.to(dev, non_blocking=non_blocking)

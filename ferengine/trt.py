@@ -122,10 +122,6 @@ def _forced() -> str | None:
     value = os.environ.get(FLAVOUR_ENV, "").strip().lower()
     if value in ("", "auto"):
         return None
-    if value in ("rtx", "tensorrt_rtx"):
-        value = "tensorrt-rtx"
-    if value in ("full", "trt"):
-        value = "tensorrt"
     if value not in FLAVOURS:
         raise BackendUnavailable(f"{FLAVOUR_ENV}={os.environ[FLAVOUR_ENV]!r}: expected auto, tensorrt or tensorrt-rtx")
     return value

@@ -107,18 +107,24 @@ def start(qtbot, make_window, video, checkpoint):
     return win
 
 
+def start_tensorrt_build(qtbot, make_window, video, checkpoint):
+    """The window running torch, TensorRT chosen, its build under way (PARSING shown): (window, old backend)."""
+    win = start(qtbot, make_window, video, checkpoint)
+    old = win.backend_obj
+    win.backend_actions["tensorrt"].trigger()
+    qtbot.waitUntil(lambda: win.build_text == PARSING, timeout=WAIT_MS)
+    return win, old
+
+
 def checked_backend(win) -> str:
     return next(name for name, act in win.backend_actions.items() if act.isChecked())
 
 
 def test_build_shows_progress_and_the_old_backend_runs_until_the_new_one_is_ready(
         qtbot, make_window, fake_trt, long_video, fastcnn_checkpoint):
-    win = start(qtbot, make_window, long_video, fastcnn_checkpoint)
-    old = win.backend_obj
-    win.backend_actions["tensorrt"].trigger()
+    win, old = start_tensorrt_build(qtbot, make_window, long_video, fastcnn_checkpoint)
 
     # fraction unknown: a busy bar and the message
-    qtbot.waitUntil(lambda: win.build_text == PARSING, timeout=WAIT_MS)
     assert win.sb_build.isVisibleTo(win) and win.build_bar.maximum() == 0
     assert win.build_label.text() and win.build_label.text()[:20] == PARSING[:20]
     wait_frames(qtbot, win, 3)  # frames keep coming, from the old backend
@@ -182,10 +188,7 @@ def test_a_failed_build_leaves_the_old_backend_running_and_says_why(
 
 def test_a_later_choice_supersedes_a_build_and_its_backend_is_closed(
         qtbot, make_window, fake_trt, long_video, fastcnn_checkpoint):
-    win = start(qtbot, make_window, long_video, fastcnn_checkpoint)
-    old = win.backend_obj
-    win.backend_actions["tensorrt"].trigger()
-    qtbot.waitUntil(lambda: win.build_text == PARSING, timeout=WAIT_MS)
+    win, old = start_tensorrt_build(qtbot, make_window, long_video, fastcnn_checkpoint)
 
     win.backend_actions["torch"].trigger()  # changed my mind while TensorRT builds
     qtbot.waitUntil(lambda: win.backend_obj is not old, timeout=WAIT_MS)

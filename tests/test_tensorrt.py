@@ -183,6 +183,16 @@ def test_foreign_empty_and_stale_engines_say_why(engine, tmp_path):
     assert built and json.loads(side.read_text())["key"] == record["key"]
 
 
+@needs_builder
+def test_validity_diagnostics_are_decoded_from_their_bits():
+    """TensorRT-RTX's own header check answers with bit flags; a file that is not an engine is malformed."""
+    t = trtmod.import_tensorrt("build")
+    if not t.rtx:
+        pytest.skip("get_engine_validity is a TensorRT-RTX API")
+    validity, diagnostics = export._validity(t, bytes(4096))
+    assert validity == "INVALID" and diagnostics == "malformed engine"
+
+
 def test_engine_of_other_weights_is_rebuilt_not_loaded(engine, fastcnn_av_checkpoint):
     loaded, path = engine
     other = ck.load(fastcnn_av_checkpoint)

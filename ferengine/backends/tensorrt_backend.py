@@ -44,8 +44,7 @@ class TensorRTBackend(Backend):
     :func:`ferengine.export.parse_targets`). ``engine_path``: run this prebuilt engine (``fer export --format
     tensorrt``), checked first. ``progress``: ``callback(fraction or None, message)`` while an engine is built
     (the app shows it). ``cuda_graphs``: TensorRT-RTX captures each input shape's launch as a CUDA graph
-    (``CudaGraphStrategy.WHOLE_GRAPH_CAPTURE``; off by default until measured on an RTX GPU). ``onnx_path`` is accepted for backwards compatibility and ignored: the engine is built
-    from the checkpoint's own export, so that its key describes the weights."""
+    (``CudaGraphStrategy.WHOLE_GRAPH_CAPTURE``; off by default until measured on an RTX GPU)."""
 
     name = "tensorrt"
 
@@ -57,14 +56,13 @@ class TensorRTBackend(Backend):
         fp16: bool = True,
         max_batch: int = 16,
         targets: Any = None,
-        onnx_path: str | Path | None = None,
         engine_path: str | Path | None = None,
         progress: Callable[[float | None, str], Any] | None = None,
         cuda_graphs: bool = False,
     ):
         super().__init__(loaded)
         from ..device import resolve_device
-        from ..export import EngineError, check_engine, engine_key, parse_targets, tensorrt_engine
+        from ..export import EngineError, check_engine, engine_key, tensorrt_engine
         from ..trt import TrtLogger
 
         if str(device).strip().lower() == "cpu":
@@ -91,20 +89,18 @@ class TensorRTBackend(Backend):
         with torch.cuda.device(self._device):
             if engine_path is not None:
                 self.engine_path = Path(engine_path)
-                key = None
                 try:
                     record = check_engine(self.engine_path, t)
-                    if record.get("key"):
-                        opts = dict(precision=record.get("precision"), max_batch=record["batch"][2],
-                                    opt_batch=record["batch"][1], targets=parse_targets(record.get("targets"), t)
-                                    if t.rtx else ())
-                        key = engine_key(loaded, t, **opts)
-                        check_engine(self.engine_path, t, key=key, probe=False)
-                    else:
-                        log.warning("%s has no engine record (%s): its weights cannot be checked against %s",
-                                    self.engine_path, self.engine_path.name + ".json", loaded.path)
                 except EngineError as exc:
                     raise BackendUnavailable(str(exc)) from None
+                if not record.get("key"):
+                    log.warning("%s has no engine record (%s): its weights cannot be checked against %s",
+                                self.engine_path, self.engine_path.name + ".json", loaded.path)
+                elif record["key"] != engine_key(loaded, t, precision=record["precision"],
+                                                 max_batch=record["batch"][2], opt_batch=record["batch"][1],
+                                                 targets=tuple(record.get("targets") or ())):
+                    raise BackendUnavailable(f"{self.engine_path}: built from other weights than {loaded.path} "
+                                             "(stale); rebuild it with fer export --format tensorrt")
                 self._engine = self._deserialize(trt, self.engine_path)
                 if self._engine is None:
                     said = "; ".join(self._logger.errors[-2:])

@@ -106,7 +106,7 @@ class TorchBackend(Backend):
     - ``channels_last``: weights and input in ``torch.channels_last`` memory format (NHWC), which lets
       cuDNN use its tensor-core convolution kernels without layout transposes, mostly with fp16/bf16.
     - ``cuda_graphs``: replay one captured CUDA graph per batch-size bucket (see the module doc), which
-      removes the per-kernel launch overhead that dominates small models at small batches.
+      meant to remove the per-kernel launch overhead of small models at small batches (not yet measured).
     - ``max_batch``: the largest bucket (default 64); only used with ``cuda_graphs``.
 
     Nothing process-wide is changed (no cuDNN/TF32 flags): torch keeps its own settings and intra-op
@@ -152,14 +152,17 @@ class TorchBackend(Backend):
     # ------------------------------------------------------------------------------------- run
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        if self._device.type != "cuda":  # the CPU path, unchanged
-            with torch.inference_mode():
-                t = torch.from_numpy(x).to(device=self._device, dtype=self._dtype)
-                outs = self._module(t)
-                return {k: v.float().cpu().numpy() for k, v in zip(self._module.output_names, outs)}
-        with torch.inference_mode(), torch.cuda.device(self._device):
-            out = self._forward(torch.from_numpy(x).to(self._device))
-            return {k: v.cpu().numpy() for k, v in out.items()}  # .cpu() waits for the GPU
+        with torch.inference_mode():
+            return {k: v.cpu().numpy() for k, v in self._device_forward(torch.from_numpy(x)).items()}  # waits
+
+    def _device_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``x`` (any device, any float dtype) -> float32 outputs on this backend's device: on the CPU the
+        module eagerly, as it always ran; on CUDA through :meth:`_forward` (graphs when captured)."""
+        if self._device.type != "cuda":
+            t = x.to(device=self._device, dtype=self._dtype)
+            return {k: v.float() for k, v in zip(self._module.output_names, self._module(t))}
+        with torch.cuda.device(self._device):
+            return self._forward(x.to(self._device, non_blocking=True))
 
     def run_tensor(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """A prepared float batch ``(N, C, S, S)`` as a torch tensor (on any device; moved to this
@@ -183,11 +186,7 @@ class TorchBackend(Backend):
             if x.shape[0] == 0:
                 return {k: torch.zeros((0, self._width(k)), dtype=torch.float32, device=self._device)
                         for k in self.outputs}
-            if self._device.type != "cuda":
-                t = x.to(device=self._device, dtype=self._dtype)
-                return {k: v.float() for k, v in zip(self._module.output_names, self._module(t))}
-            with torch.cuda.device(self._device):
-                return self._forward(x.to(self._device, non_blocking=True))
+            return self._device_forward(x)
 
     def prepare(self, faces: Any) -> torch.Tensor:
         """uint8 face crops (what :func:`ferengine.preprocess.to_model_input` takes) -> the float32 model
